@@ -1,0 +1,171 @@
+//! An address space (PIO or MMIO) mapping ranges to devices.
+//!
+//! Built before the vCPUs start and then shared read-only between them; each device sits
+//! behind its own mutex, so vCPUs touching different devices never contend.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// A device on a bus. `offset` is relative to the start of the device's range.
+pub trait BusDevice: Send {
+    /// The guest reads `data.len()` bytes at `offset`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// The guest writes `data` at `offset`.
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+/// Errors building a bus.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    /// The new range overlaps a device already there.
+    #[error("bus range {base:#x}+{len:#x} overlaps another device")]
+    Overlap {
+        /// Start of the refused range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A zero-length or wrapping range.
+    #[error("invalid bus range {base:#x}+{len:#x}")]
+    InvalidRange {
+        /// Start of the refused range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+}
+
+/// A shared, lockable bus device.
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
+/// Ranges keyed by their start; ranges never overlap.
+#[derive(Default, Clone)]
+pub struct Bus {
+    devices: BTreeMap<u64, (u64, SharedDevice)>,
+}
+
+impl Bus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Places `device` at `[base, base + len)`.
+    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::InvalidRange { base, len })?;
+        let before = self.devices.range(..end).next_back();
+        if before.is_some_and(|(b, (l, _))| b + l > base) {
+            return Err(BusError::Overlap { base, len });
+        }
+        self.devices.insert(base, (len, device));
+        Ok(())
+    }
+
+    /// The device covering `addr` and the offset of `addr` in it.
+    fn resolve(&self, addr: u64) -> Option<(&SharedDevice, u64)> {
+        let (base, (len, dev)) = self.devices.range(..=addr).next_back()?;
+        let offset = addr - base;
+        (offset < *len).then_some((dev, offset))
+    }
+
+    /// Routes a read; returns false when no device is there.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.resolve(addr) {
+            Some((dev, offset)) => {
+                lock(dev).read(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Routes a write; returns false when no device is there.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.resolve(addr) {
+            Some((dev, offset)) => {
+                lock(dev).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Locks a device, going on if a thread panicked while holding it: the device state is
+/// plain data and every handler leaves it consistent between statements.
+pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+    dev.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        last_write: Option<(u64, Vec<u8>)>,
+    }
+
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.last_write = Some((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn access_is_routed_with_offset_inside_the_range() {
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        let mut bus = Bus::new();
+        bus.insert(dev.clone(), 0x3f8, 8).unwrap();
+        let mut data = [0u8; 1];
+        assert!(bus.read(0x3fd, &mut data));
+        assert_eq!(data, [5]);
+        assert!(bus.write(0x3f8, &[0x41]));
+        assert_eq!(dev.lock().unwrap().last_write, Some((0, vec![0x41])));
+    }
+
+    #[test]
+    fn addresses_outside_every_range_are_not_claimed() {
+        let mut bus = Bus::new();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
+            .unwrap();
+        let mut data = [0u8; 1];
+        assert!(!bus.read(0x0f, &mut data));
+        assert!(!bus.read(0x14, &mut data));
+        assert!(!bus.write(u64::MAX, &[0]));
+    }
+
+    #[test]
+    fn overlapping_and_empty_ranges_are_refused() {
+        let mut bus = Bus::new();
+        let dev = || Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev(), 0x10, 0x10).unwrap();
+        assert_eq!(
+            bus.insert(dev(), 0x1f, 1),
+            Err(BusError::Overlap { base: 0x1f, len: 1 })
+        );
+        assert_eq!(
+            bus.insert(dev(), 0x8, 0x9),
+            Err(BusError::Overlap {
+                base: 0x8,
+                len: 0x9
+            })
+        );
+        assert!(bus.insert(dev(), 0x8, 0x8).is_ok());
+        assert!(bus.insert(dev(), 0x20, 1).is_ok());
+        assert!(matches!(
+            bus.insert(dev(), 0x30, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(dev(), u64::MAX, 2),
+            Err(BusError::InvalidRange { .. })
+        ));
+    }
+}

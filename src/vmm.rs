@@ -1,0 +1,331 @@
+//! One VM: KVM objects, guest memory, boot state, devices, vCPU threads, and the event loop
+//! that runs on the calling thread until the VM's run ends.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use boot::x86_64::cpuid::{self, CpuidError, FeatureEdits};
+use boot::{BootError, BootSpec, LoaderError};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::VmConfig;
+use crate::console::Console;
+use crate::device_manager::{DeviceError, DeviceManager, EventLoop};
+use crate::memory::{self, MemoryError};
+use crate::run_state::{Outcome, RunState};
+use crate::signals;
+use crate::vcpu::{self, Vcpu, VcpuError};
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The host's KVM lacks a capability Ember needs.
+    #[error("the host's KVM lacks {0}")]
+    MissingCap(&'static str),
+    /// A VM-level KVM ioctl failed.
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// More vCPUs than this host's KVM runs.
+    #[error("--cpus: {want} vCPUs asked, this host's KVM allows {max}")]
+    TooManyCpus {
+        /// Asked.
+        want: u8,
+        /// Allowed.
+        max: usize,
+    },
+    /// A kernel or initrd file cannot be opened.
+    #[error("{option}: cannot open '{path}'")]
+    Open {
+        /// The option naming the file.
+        option: &'static str,
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel or writing boot tables.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// CPUID (`--cpu-features`).
+    #[error("--cpu-features: {0}")]
+    Cpuid(#[from] CpuidError),
+    /// Devices.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The event loop.
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+impl VmmError {
+    /// True for errors the user fixes by changing the command line (exit status 2).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            VmmError::TooManyCpus { .. } | VmmError::Open { .. } | VmmError::Cpuid(_) => true,
+            VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
+            _ => false,
+        }
+    }
+}
+
+/// Handles the event loop's wake-up when the run ends.
+struct ExitWatcher(Arc<RunState>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.wake_fd(), EventSet::IN)) {
+            log::error!("cannot watch the exit event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.wake_fd().read();
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    // Field order is drop order: vCPUs and the VM go before the memory they map.
+    vcpus: Vec<Vcpu>,
+    events: EventLoop,
+    state: Arc<RunState>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemoryMmap,
+}
+
+/// KVM's supported CPUID with the host defaults and the user's edits applied, and the
+/// features meant to be hidden.
+fn vm_cpuid(
+    kvm: &Kvm,
+    user: &FeatureEdits,
+) -> Result<(Vec<kvm_cpuid_entry2>, Vec<&'static str>), VmmError> {
+    let mut entries = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?
+        .as_slice()
+        .to_vec();
+    let mut defaults = FeatureEdits::default();
+    if crate::host::kvm_emulates_guest_kernel() {
+        for name in cpuid::HIDDEN_ON_EMULATING_HOSTS {
+            defaults.push(name, true);
+        }
+    }
+    let edits = defaults.clone().then(user);
+    cpuid::apply_edits(&mut entries, &edits)?;
+    if !defaults.hide.is_empty() {
+        let kept: Vec<_> = defaults
+            .hide
+            .iter()
+            .filter(|n| !user.show.contains(n))
+            .copied()
+            .collect();
+        log::info!(
+            "host KVM emulates guest kernel code (kvm_pvm or no vmx/svm): hiding CPU features {} \
+             (override with --cpu-features +NAME)",
+            kept.join(",")
+        );
+    }
+    // Only the features asked for, not their dependents: a guest drops those itself, and
+    // Linux reads at most 127 bytes of clearcpuid=.
+    let asked = edits
+        .hide
+        .iter()
+        .filter(|n| !edits.show.contains(n))
+        .copied();
+    Ok((entries, asked.collect()))
+}
+
+/// The command line the guest gets: the user's, plus `clearcpuid=` naming the features that
+/// should be hidden but that the host's KVM shows the guest anyway (some hosts override
+/// parts of the CPUID a VMM sets). A Linux guest then leaves them alone.
+pub fn guest_cmdline(user: &str, forced: &[&str]) -> String {
+    if forced.is_empty() {
+        return user.to_string();
+    }
+    if user
+        .split_whitespace()
+        .any(|w| w.starts_with("clearcpuid="))
+    {
+        log::warn!(
+            "host KVM shows hidden CPU features {} to the guest; the command line's \
+             clearcpuid= is left as given",
+            forced.join(",")
+        );
+        return user.to_string();
+    }
+    let list = forced.join(",");
+    log::info!(
+        "host KVM shows hidden CPU features {list} to the guest anyway; adding clearcpuid={list} \
+         to the kernel command line"
+    );
+    format!("{} clearcpuid={list}", user.trim_end())
+}
+
+fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmmError> {
+    File::open(path).map_err(|source| VmmError::Open {
+        option,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::Pit2, "an in-kernel PIT"),
+        (Cap::UserMemory, "user memory slots"),
+        (Cap::SetTssAddr, "KVM_SET_TSS_ADDR"),
+        (Cap::ImmediateExit, "immediate_exit"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::MissingCap(name));
+        }
+    }
+    let max = kvm.get_max_vcpus();
+    if usize::from(cfg.cpus) > max {
+        return Err(VmmError::TooManyCpus {
+            want: cfg.cpus,
+            max,
+        });
+    }
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(|e| VmmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
+    Ok(vm)
+}
+
+impl Vmm {
+    /// Builds the VM described by `cfg`, its serial console on `console`.
+    pub fn new(cfg: &VmConfig, console: &Console) -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let (cpuid, hidden) = vm_cpuid(&kvm, &cfg.cpu_features)?;
+        let vm = create_vm(&kvm, cfg)?;
+        let mem = memory::create_guest_memory(cfg.memory)?;
+        memory::register_with_kvm(&vm, &mem)?;
+
+        let state =
+            Arc::new(RunState::new().map_err(|e| VmmError::Device(DeviceError::EventFd(e)))?);
+        let mut events = EventLoop::new().map_err(VmmError::EventLoop)?;
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(state.clone()))));
+        signals::subscribe(&mut events, state.clone());
+
+        let mut devices = DeviceManager::new();
+        devices.attach_legacy(state.clone(), cfg.debug_exit)?;
+        devices.attach_serial(&vm, &mut events, console, state.clone())?;
+        let buses = Arc::new(devices.into_buses());
+
+        let tsc_deadline = vm.check_extension(Cap::TscDeadlineTimer);
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
+        for id in 0..cfg.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+            let cpuid = cpuid::for_vcpu(&cpuid, id, cfg.cpus, tsc_deadline);
+            let vcpu = Vcpu::new(fd, id, &cpuid, buses.clone(), state.clone(), mem.clone())?;
+            vcpus.push(vcpu);
+        }
+        let forced = cpuid::visible(&vcpus[0].effective_cpuid()?, &hidden);
+        let cmdline = guest_cmdline(&cfg.cmdline, &forced);
+
+        let mut kernel = open("--kernel", &cfg.kernel)?;
+        let mut initrd = match &cfg.initrd {
+            Some(p) => Some(open("--initrd", p)?),
+            None => None,
+        };
+        let boot_state = boot::configure_system(
+            &mem,
+            BootSpec {
+                kernel: &mut kernel,
+                initrd: initrd.as_mut(),
+                cmdline: &cmdline,
+                cpus: cfg.cpus,
+            },
+        )?;
+        vcpus[0].set_boot_entry(&boot_state)?;
+        Ok(Vmm {
+            vcpus,
+            events,
+            state,
+            _vm: vm,
+            _kvm: kvm,
+            _mem: mem,
+        })
+    }
+
+    /// Runs the VM until it ends; returns how.
+    pub fn run(mut self) -> Result<Outcome, VmmError> {
+        vcpu::install_kick_handler()?;
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for v in self.vcpus.drain(..) {
+            match v.start() {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.state.request_exit(Outcome::Crash(e.to_string()));
+                    break;
+                }
+            }
+        }
+        while !self.state.is_exiting() {
+            if let Err(e) = self.events.run() {
+                self.state
+                    .request_exit(Outcome::Crash(format!("event loop failed: {e:?}")));
+            }
+        }
+        stop_vcpus(threads);
+        Ok(self
+            .state
+            .outcome()
+            .unwrap_or_else(|| Outcome::Crash("the VM stopped without a reason".into())))
+    }
+}
+
+/// Kicks the vCPU threads until all have left KVM_RUN, then joins them.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads.iter().any(|t| !t.is_finished()) {
+        if Instant::now() > deadline {
+            log::warn!("a vCPU thread did not stop; leaving it behind");
+            return;
+        }
+        vcpu::kick_all(&threads);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for t in threads {
+        if t.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
