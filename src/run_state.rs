@@ -4,7 +4,7 @@
 //! console, a signal); then Exiting: the first outcome is kept, the event loop is woken, the
 //! vCPUs are kicked out of KVM_RUN and join.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use devices::{ExitSink, GuestExit};
@@ -52,6 +52,8 @@ impl From<GuestExit> for Outcome {
 /// Shared by the event loop, the vCPUs and the devices of one VM.
 pub struct RunState {
     exiting: AtomicBool,
+    /// Bumped on each request to report where the vCPUs are (SIGUSR1).
+    report: AtomicU64,
     outcome: Mutex<Option<Outcome>>,
     wake: EventFd,
 }
@@ -61,6 +63,7 @@ impl RunState {
     pub fn new() -> std::io::Result<Self> {
         Ok(RunState {
             exiting: AtomicBool::new(false),
+            report: AtomicU64::new(0),
             outcome: Mutex::new(None),
             wake: EventFd::new(EFD_NONBLOCK)?,
         })
@@ -89,6 +92,17 @@ impl RunState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Asks every vCPU to print where it is (they must then be kicked).
+    pub fn request_report(&self) {
+        self.report.fetch_add(1, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+    }
+
+    /// How many reports were asked for so far.
+    pub fn report_generation(&self) -> u64 {
+        self.report.load(Ordering::SeqCst)
     }
 
     /// The eventfd the event loop watches.

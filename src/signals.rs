@@ -1,5 +1,6 @@
 //! SIGTERM, SIGINT and SIGHUP end the run cleanly (the terminal is restored, the exit status
-//! is 128 + the signal): the handler only writes an eventfd the event loop watches.
+//! is 128 + the signal); SIGUSR1 prints where each vCPU is (RIP, mode, last exit), which is
+//! what a hung guest needs. The handler only writes an eventfd the event loop watches.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,10 +14,15 @@ use crate::run_state::{Outcome, RunState};
 
 static SIGNAL_EVT: OnceLock<EventFd> = OnceLock::new();
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
-const HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+static REPORTS: AtomicI32 = AtomicI32::new(0);
+const HANDLED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
 
 extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    LAST_SIGNAL.store(num, Ordering::SeqCst);
+    if num == libc::SIGUSR1 {
+        REPORTS.fetch_add(1, Ordering::SeqCst);
+    } else {
+        LAST_SIGNAL.store(num, Ordering::SeqCst);
+    }
     if let Some(evt) = SIGNAL_EVT.get() {
         // write(2) on an eventfd is async-signal-safe.
         let _ = evt.write(1);
@@ -53,6 +59,9 @@ impl MutEventSubscriber for SignalWatcher {
     fn process(&mut self, _: Events, _: &mut EventOps) {
         if let Some(evt) = SIGNAL_EVT.get() {
             let _ = evt.read();
+        }
+        if REPORTS.swap(0, Ordering::SeqCst) > 0 {
+            self.0.request_report();
         }
         let sig = LAST_SIGNAL.load(Ordering::SeqCst);
         if sig != 0 {

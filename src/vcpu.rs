@@ -131,6 +131,17 @@ pub fn handle_exit(buses: &Buses, exit: VcpuExit) -> Action {
     Action::Continue
 }
 
+/// A short name and the port/address of an exit, kept for reports.
+fn exit_summary(exit: &VcpuExit) -> (&'static str, u64) {
+    match exit {
+        VcpuExit::IoIn(port, _) => ("port read", u64::from(*port)),
+        VcpuExit::IoOut(port, _) => ("port write", u64::from(*port)),
+        VcpuExit::MmioRead(addr, _) => ("MMIO read", *addr),
+        VcpuExit::MmioWrite(addr, _) => ("MMIO write", *addr),
+        _ => ("other", 0),
+    }
+}
+
 thread_local! {
     /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
@@ -159,6 +170,10 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
+    /// The last exit, for reports: kind and port/address.
+    last_exit: (&'static str, u64),
+    /// The report generation this vCPU answered last.
+    reported: u64,
     buses: Arc<Buses>,
     state: Arc<RunState>,
     mem: GuestMemoryMmap,
@@ -211,6 +226,8 @@ impl Vcpu {
         Ok(Vcpu {
             fd,
             id,
+            last_exit: ("none", 0),
+            reported: 0,
             buses,
             state,
             mem,
@@ -268,9 +285,13 @@ impl Vcpu {
         IMMEDIATE_EXIT.with(|p| p.set(flag));
         while !self.state.is_exiting() {
             let action = match self.fd.run() {
-                Ok(exit) => handle_exit(&self.buses, exit),
+                Ok(exit) => {
+                    self.last_exit = exit_summary(&exit);
+                    handle_exit(&self.buses, exit)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    self.report_if_asked();
                     Action::Continue
                 }
                 Err(e) => Action::Stop(StopReason::Unexpected(format!("KVM_RUN failed: {e}"))),
@@ -307,6 +328,30 @@ impl Vcpu {
                 Outcome::Crash(format!("unexpected vCPU exit {what} on vCPU {id} at {at}"))
             }
         }
+    }
+
+    /// Prints where this vCPU is when a report was asked for (SIGUSR1).
+    fn report_if_asked(&mut self) {
+        let generation = self.state.report_generation();
+        if generation == self.reported {
+            return;
+        }
+        self.reported = generation;
+        let mp = match self.fd.get_mp_state().map(|m| m.mp_state) {
+            Ok(kvm_bindings::KVM_MP_STATE_RUNNABLE) => "runnable",
+            Ok(kvm_bindings::KVM_MP_STATE_UNINITIALIZED) => "waiting for INIT",
+            Ok(kvm_bindings::KVM_MP_STATE_INIT_RECEIVED) => "waiting for SIPI",
+            Ok(kvm_bindings::KVM_MP_STATE_HALTED) => "halted",
+            Ok(kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED) => "SIPI received",
+            _ => "unknown state",
+        };
+        let (kind, at) = self.last_exit;
+        log::warn!(
+            "vCPU {}: {mp} at {}; last exit: {kind} {at:#x}; instruction bytes: {}",
+            self.id,
+            self.location(),
+            self.instruction_bytes(None)
+        );
     }
 
     /// `RIP 0x... (long mode, CPL0)`.

@@ -112,12 +112,15 @@ pub struct Vmm {
     _mem: GuestMemoryMmap,
 }
 
-/// KVM's supported CPUID with the host defaults and the user's edits applied, and the
-/// features meant to be hidden.
-fn vm_cpuid(
-    kvm: &Kvm,
-    user: &FeatureEdits,
-) -> Result<(Vec<kvm_cpuid_entry2>, Vec<&'static str>), VmmError> {
+/// The CPUID plan of a VM: KVM's supported CPUID with the host defaults and the user's
+/// edits applied, the features asked hidden, and those hidden because of the host.
+struct CpuidPlan {
+    entries: Vec<kvm_cpuid_entry2>,
+    hidden: Vec<&'static str>,
+    host_hidden: Vec<&'static str>,
+}
+
+fn vm_cpuid(kvm: &Kvm, user: &FeatureEdits) -> Result<CpuidPlan, VmmError> {
     let mut entries = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?
@@ -131,35 +134,43 @@ fn vm_cpuid(
     }
     let edits = defaults.clone().then(user);
     cpuid::apply_edits(&mut entries, &edits)?;
-    if !defaults.hide.is_empty() {
-        let kept: Vec<_> = defaults
-            .hide
-            .iter()
-            .filter(|n| !user.show.contains(n))
-            .copied()
-            .collect();
-        log::info!(
-            "host KVM emulates guest kernel code (kvm_pvm or no vmx/svm): hiding CPU features {} \
-             (override with --cpu-features +NAME)",
-            kept.join(",")
-        );
-    }
     // Only the features asked for, not their dependents: a guest drops those itself, and
     // Linux reads at most 127 bytes of clearcpuid=.
-    let asked = edits
+    let hidden: Vec<_> = edits
         .hide
         .iter()
         .filter(|n| !edits.show.contains(n))
-        .copied();
-    Ok((entries, asked.collect()))
+        .copied()
+        .collect();
+    let host_hidden = defaults
+        .hide
+        .iter()
+        .filter(|n| hidden.contains(n))
+        .copied()
+        .collect();
+    Ok(CpuidPlan {
+        entries,
+        hidden,
+        host_hidden,
+    })
 }
 
-/// The command line the guest gets: the user's, plus `clearcpuid=` naming the features that
-/// should be hidden but that the host's KVM shows the guest anyway (some hosts override
-/// parts of the CPUID a VMM sets). A Linux guest then leaves them alone.
-pub fn guest_cmdline(user: &str, forced: &[&str]) -> String {
-    if forced.is_empty() {
-        return user.to_string();
+/// The command line the guest gets, and the features it names: the user's line plus
+/// `clearcpuid=` naming the features that should be hidden but that the host's KVM shows
+/// the guest anyway (some hosts override parts of the CPUID a VMM sets). A Linux guest then
+/// leaves them alone. Only architectural CPUID bits can be named there.
+pub fn guest_cmdline(user: &str, forced: &[&'static str]) -> (String, Vec<&'static str>) {
+    let (named, unnamed): (Vec<&'static str>, Vec<&'static str>) = forced
+        .iter()
+        .partition(|n| cpuid::feature(n).is_some_and(|f| f.leaf < cpuid::KVM_FEATURES - 1));
+    if !unnamed.is_empty() {
+        log::warn!(
+            "host KVM shows hidden features {} to the guest and no command line can hide them",
+            unnamed.join(",")
+        );
+    }
+    if named.is_empty() {
+        return (user.to_string(), named);
     }
     if user
         .split_whitespace()
@@ -168,16 +179,31 @@ pub fn guest_cmdline(user: &str, forced: &[&str]) -> String {
         log::warn!(
             "host KVM shows hidden CPU features {} to the guest; the command line's \
              clearcpuid= is left as given",
-            forced.join(",")
+            named.join(",")
         );
-        return user.to_string();
+        return (user.to_string(), Vec::new());
     }
-    let list = forced.join(",");
-    log::info!(
-        "host KVM shows hidden CPU features {list} to the guest anyway; adding clearcpuid={list} \
-         to the kernel command line"
+    let line = format!("{} clearcpuid={}", user.trim_end(), named.join(","));
+    (line, named)
+}
+
+/// The one line saying what the host made Ember hide.
+fn log_host_hiding(host_hidden: &[&str], cleared: &[&str]) {
+    if host_hidden.is_empty() {
+        return;
+    }
+    let mut line = format!(
+        "host KVM emulates guest kernel code (kvm_pvm or no vmx/svm): hiding CPU features {} \
+         (override with --cpu-features +NAME)",
+        host_hidden.join(",")
     );
-    format!("{} clearcpuid={list}", user.trim_end())
+    if !cleared.is_empty() {
+        let list = cleared.join(",");
+        line.push_str(&format!(
+            "; the host shows {list} anyway, so clearcpuid={list} is added to the command line"
+        ));
+    }
+    log::info!("{line}");
 }
 
 fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmmError> {
@@ -218,6 +244,7 @@ fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
         .map_err(|e| VmmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
     vm.create_irq_chip()
         .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -231,7 +258,7 @@ impl Vmm {
     /// Builds the VM described by `cfg`, its serial console on `console`.
     pub fn new(cfg: &VmConfig, console: &Console) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
-        let (cpuid, hidden) = vm_cpuid(&kvm, &cfg.cpu_features)?;
+        let plan = vm_cpuid(&kvm, &cfg.cpu_features)?;
         let vm = create_vm(&kvm, cfg)?;
         let mem = memory::create_guest_memory(cfg.memory)?;
         memory::register_with_kvm(&vm, &mem)?;
@@ -253,12 +280,12 @@ impl Vmm {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
-            let cpuid = cpuid::for_vcpu(&cpuid, id, cfg.cpus, tsc_deadline);
+            let cpuid = cpuid::for_vcpu(&plan.entries, id, cfg.cpus, tsc_deadline);
             let vcpu = Vcpu::new(fd, id, &cpuid, buses.clone(), state.clone(), mem.clone())?;
             vcpus.push(vcpu);
         }
-        let forced = cpuid::visible(&vcpus[0].effective_cpuid()?, &hidden);
-        let cmdline = guest_cmdline(&cfg.cmdline, &forced);
+        let forced = cpuid::visible(&vcpus[0].effective_cpuid()?, &plan.hidden);
+        let (cmdline, cleared) = guest_cmdline(&cfg.cmdline, &forced);
 
         let mut kernel = open("--kernel", &cfg.kernel)?;
         let mut initrd = match &cfg.initrd {
@@ -275,6 +302,7 @@ impl Vmm {
             },
         )?;
         vcpus[0].set_boot_entry(&boot_state)?;
+        log_host_hiding(&plan.host_hidden, &cleared);
         Ok(Vmm {
             vcpus,
             events,
@@ -298,10 +326,15 @@ impl Vmm {
                 }
             }
         }
+        let mut reports = 0;
         while !self.state.is_exiting() {
             if let Err(e) = self.events.run() {
                 self.state
                     .request_exit(Outcome::Crash(format!("event loop failed: {e:?}")));
+            }
+            if self.state.report_generation() != reports {
+                reports = self.state.report_generation();
+                vcpu::kick_all(&threads);
             }
         }
         stop_vcpus(threads);
@@ -327,5 +360,38 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
         if t.join().is_err() {
             log::error!("a vCPU thread panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_unchanged_when_nothing_is_forced() {
+        assert_eq!(
+            guest_cmdline("console=ttyS0", &[]),
+            ("console=ttyS0".to_string(), vec![])
+        );
+    }
+
+    #[test]
+    fn forced_features_are_cleared_on_the_command_line() {
+        assert_eq!(
+            guest_cmdline("console=ttyS0 ", &["xsave", "smap"]),
+            (
+                "console=ttyS0 clearcpuid=xsave,smap".to_string(),
+                vec!["xsave", "smap"]
+            )
+        );
+    }
+
+    #[test]
+    fn user_clearcpuid_is_respected_and_kvm_leaf_bits_are_not_named() {
+        assert_eq!(
+            guest_cmdline("clearcpuid=avx", &["xsave"]).0,
+            "clearcpuid=avx"
+        );
+        assert_eq!(guest_cmdline("quiet", &["kvm-pv-ipi"]).0, "quiet");
     }
 }

@@ -53,12 +53,20 @@ build_kernel() {
 	fi
 	if [ ! -f "$dir/bzImage" ]; then
 		tree="$out/linux-6.1"
+		# A tree left by an earlier build is reused (an incremental rebuild) when it was made
+		# from the same source and patches; otherwise it is extracted afresh.
+		local tree_key
+		tree_key=$(key_of "$here/patches" "linux-source-6.1=$src_ver")
+		if [ "$(cat "$tree/.ember-tree" 2>/dev/null)" != "$tree_key" ]; then
+			log "extracting and patching linux-source-6.1 into $tree"
+			rm -rf "$tree" && mkdir -p "$out"
+			tar -xf /usr/src/linux-source-6.1.tar.xz -C "$out" && mv "$out/linux-source-6.1" "$tree"
+			for p in "$here"/patches/*.patch; do
+				patch -d "$tree" -p1 --quiet --forward <"$p" || die "patch $p does not apply"
+			done
+			echo "$tree_key" >"$tree/.ember-tree"
+		fi
 		log "building kernel $key in $tree (a few minutes)"
-		rm -rf "$tree" && mkdir -p "$out"
-		tar -xf /usr/src/linux-source-6.1.tar.xz -C "$out" && mv "$out/linux-source-6.1" "$tree"
-		for p in "$here"/patches/*.patch; do
-			patch -d "$tree" -p1 --quiet --forward <"$p" || die "patch $p does not apply"
-		done
 		make -C "$tree" -s tinyconfig >&2
 		"$tree/scripts/kconfig/merge_config.sh" -m -O "$tree" "$tree/.config" \
 			"$here/kernel.config" >/dev/null
@@ -67,7 +75,6 @@ build_kernel() {
 		make -C "$tree" -s -j"$jobs" vmlinux bzImage >&2
 		mkdir -p "$dir"
 		cp "$tree/vmlinux" "$tree/arch/x86/boot/bzImage" "$tree/.config" "$dir/"
-		rm -rf "$tree"
 	else
 		log "kernel $key from cache $dir"
 	fi

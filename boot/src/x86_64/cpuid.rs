@@ -175,7 +175,26 @@ pub const FEATURES: &[Feature] = &[
     f("pdpe1gb", 0x8000_0001, 0, Edx, 26),
     f("rdtscp", 0x8000_0001, 0, Edx, 27),
     f("lm", 0x8000_0001, 0, Edx, 29),
+    // KVM's paravirtual features (leaf 0x40000001), with qemu's names.
+    f("kvmclock", KVM_FEATURES, 0, Eax, 0),
+    f("kvm-nopiodelay", KVM_FEATURES, 0, Eax, 1),
+    f("kvmclock2", KVM_FEATURES, 0, Eax, 3),
+    f("kvm-asyncpf", KVM_FEATURES, 0, Eax, 4),
+    f("kvm-steal-time", KVM_FEATURES, 0, Eax, 5),
+    f("kvm-pv-eoi", KVM_FEATURES, 0, Eax, 6),
+    f("kvm-pv-unhalt", KVM_FEATURES, 0, Eax, 7),
+    f("kvm-pv-tlb-flush", KVM_FEATURES, 0, Eax, 9),
+    f("kvm-asyncpf-vmexit", KVM_FEATURES, 0, Eax, 10),
+    f("kvm-pv-ipi", KVM_FEATURES, 0, Eax, 11),
+    f("kvm-poll-control", KVM_FEATURES, 0, Eax, 12),
+    f("kvm-pv-sched-yield", KVM_FEATURES, 0, Eax, 13),
+    f("kvm-asyncpf-int", KVM_FEATURES, 0, Eax, 14),
+    f("kvm-msi-ext-dest-id", KVM_FEATURES, 0, Eax, 15),
+    f("kvmclock-stable-bit", KVM_FEATURES, 0, Eax, 24),
 ];
+
+/// KVM's paravirtual feature leaf.
+pub const KVM_FEATURES: u32 = 0x4000_0001;
 
 /// Hiding the first feature hides the others too (they need it to work).
 const DEPENDENTS: &[(&str, &[&str])] = &[
@@ -221,10 +240,23 @@ const DEPENDENTS: &[(&str, &[&str])] = &[
 ];
 
 /// Features hidden by default when the host's KVM runs guest kernel code by emulation: its
-/// emulator cannot run the instructions they enable (see the project's KVM-HERE notes).
+/// emulator cannot run the instructions they enable (see the project's KVM-HERE notes), and
+/// hypercalls (which the KVM paravirtual IPI, unhalt and yield features use) hang there.
 pub const HIDDEN_ON_EMULATING_HOSTS: &[&str] = &[
-    "cx16", "xsave", "smap", "popcnt", "rdrand", "rdseed", "fsgsbase", "invpcid", "pcid", "umip",
+    "cx16",
+    "xsave",
+    "smap",
+    "popcnt",
+    "rdrand",
+    "rdseed",
+    "fsgsbase",
+    "invpcid",
+    "pcid",
+    "umip",
     "pku",
+    "kvm-pv-ipi",
+    "kvm-pv-unhalt",
+    "kvm-pv-sched-yield",
 ];
 
 /// Looks a feature up by its /proc/cpuinfo name.

@@ -1,11 +1,19 @@
-# Prints what the guest sees, one line, for the host-side tests to parse.
-flags=$(grep -m1 '^flags' /proc/cpuinfo)
-hidden=
+# Prints what the guest sees, one line, for the host-side tests to parse (builtins only).
+cpus=0
+flags=
+while read -r key rest; do
+	case "$key" in
+	processor) cpus=$((cpus + 1)) ;;
+	flags) [ -z "$flags" ] && flags=" ${rest#*: } " ;;
+	esac
+done </proc/cpuinfo
+features=
 for f in cx16 xsave smap; do
-	case " ${flags#*:} " in *" $f "*) hidden="$hidden$f+" ;; *) hidden="$hidden$f-" ;; esac
+	case "$flags" in *" $f "*) features="$features$f+" ;; *) features="$features$f-" ;; esac
 done
-echo "EMBER-INFO cpus=$(grep -c ^processor /proc/cpuinfo)" \
-	"online=$(cat /sys/devices/system/cpu/online)" \
-	"mem_kb=$(awk '/^MemTotal/ {print $2}' /proc/meminfo)" \
-	"features=$hidden" \
-	"kernel=$(uname -r)"
+while read -r key value _; do
+	[ "$key" = MemTotal: ] && mem_kb=$value
+done </proc/meminfo
+read -r online </sys/devices/system/cpu/online
+read -r release </proc/sys/kernel/osrelease
+echo "EMBER-INFO cpus=$cpus online=$online mem_kb=$mem_kb features=$features kernel=$release"

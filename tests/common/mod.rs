@@ -1,0 +1,146 @@
+//! Helpers shared by the integration tests: find the ember binary, /dev/kvm and the guest
+//! kit (or fail loudly), and run ember with a deadline.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The ember binary cargo built for these tests.
+pub fn ember() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+}
+
+/// Panics unless /dev/kvm can be opened: these tests need it and must not pass without it.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs /dev/kvm, which cannot be opened here ({e}); run it on a KVM host");
+    }
+}
+
+/// The guest kit built by tests/guest/build.sh.
+pub struct GuestKit {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// Finds the guest kit (in `$EMBER_GUEST_DIR` or target/guest), or panics saying how to
+/// build it.
+pub fn guest_kit() -> GuestKit {
+    let dir = std::env::var_os("EMBER_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/guest"));
+    let kit = GuestKit {
+        vmlinux: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        initramfs: dir.join("initramfs.cpio"),
+        rootfs: dir.join("rootfs.ext4"),
+    };
+    for f in [&kit.vmlinux, &kit.bzimage, &kit.initramfs, &kit.rootfs] {
+        assert!(
+            f.is_file(),
+            "guest kit file {} is missing: run tests/guest/build.sh first",
+            f.display()
+        );
+    }
+    kit
+}
+
+/// Linux boots take a core or two for a minute or more on hosts that emulate guest kernel
+/// code: tests that boot Linux hold this lock so they do not run at the same time.
+pub fn heavy_boot_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a finished run left.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// Starts `cmd` with piped stdio, feeds `input`, and waits up to `limit`; on timeout the
+/// process is killed and the test fails with everything it printed.
+pub fn run_with_input(mut cmd: Command, input: &[u8], limit: Duration) -> Run {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember");
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+        // Dropping stdin closes it: EOF for the guest's console input.
+    });
+    let status = wait_deadline(&mut child, limit);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = feeder.join();
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    match status {
+        Some(status) => Run {
+            status,
+            stdout,
+            stderr,
+        },
+        None => {
+            panic!("ember did not finish within {limit:?}\nstdout:\n{stdout}\nstderr:\n{stderr}")
+        }
+    }
+}
+
+/// `run_with_input` with no input.
+pub fn run(cmd: Command, limit: Duration) -> Run {
+    run_with_input(cmd, b"", limit)
+}
+
+/// Waits for `child` until `limit`; None on timeout.
+pub fn wait_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return Some(s);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `sig` to `child`.
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(rc, 0, "kill failed");
+}
