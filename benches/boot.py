@@ -110,7 +110,8 @@ def main():
     ember_argv = [ember, "run", "--kernel", kernel, "--initrd", initrd,
                   "--cpus", str(args.cpus), "--memory", f"{args.memory}M",
                   "--cmdline", cmdline]
-    cpu = "host," + ",".join("-" + f for f in HIDDEN + KVM_PV_HIDDEN)
+    # qemu also passes the host's IA32_ARCH_CAPABILITIES MSR through, which kvm_pvm refuses.
+    cpu = "host," + ",".join("-" + f for f in HIDDEN + KVM_PV_HIDDEN + ["arch-capabilities"])
     qemu_argv = [qemu, "-L", os.path.join(qemu_share, "qemu"), "-L",
                  os.path.join(qemu_share, "seabios"),
                  "-M", "microvm,x-option-roms=off,rtc=on", "-enable-kvm", "-cpu", cpu,
