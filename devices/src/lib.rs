@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod disk;
 pub mod legacy;
 
 use std::io;
