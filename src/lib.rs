@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod device_manager;
 pub mod host;
+pub mod img;
 pub mod memory;
 pub mod run_state;
 pub mod signals;

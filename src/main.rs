@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Boot a guest kernel (like qemu-system-x86_64 -M microvm -kernel ...)
     Run(RunArgs),
+    /// Create, inspect, convert and check disk images (like qemu-img)
+    Img(ember::img::ImgArgs),
 }
 
 #[derive(Args)]
@@ -202,5 +204,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Img(args) => ember::img::run(args),
     }
 }

@@ -225,7 +225,7 @@ pub(crate) fn open_in_chain(
     };
     Ok(match format {
         ImageFormat::Raw => {
-            if probed {
+            if probed && !opts.read_only {
                 log::warn!(
                     "image '{}' has no format given and was probed as raw; writes of an image \
                      header to its block 0 are refused (give format=raw to lift this)",

@@ -791,6 +791,48 @@ impl Qcow2Image {
         Ok((self.lookup(offset)?, cs - offset % cs))
     }
 
+    /// Maps every guest cluster to a host cluster (preallocation=metadata), writing zeros
+    /// into them too when `write_zeros` (preallocation=full).
+    pub fn preallocate(&mut self, write_zeros: bool) -> Result<(), DiskError> {
+        if self.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        let cs = self.cluster_size();
+        let size = self.header.size;
+        let mut pos = 0;
+        while pos < size {
+            let table = self.l2_for_write(pos)?;
+            let (_, l2i, _) = self.split(pos);
+            let n = (self.l2_entries() - l2i as u64).min((size - pos).div_ceil(cs));
+            let host = self.alloc_clusters(n)?;
+            for i in 0..n {
+                let entry = L2Entry::Normal {
+                    offset: host + i * cs,
+                    copied: true,
+                };
+                self.l2_set(table, l2i + i as usize, self.geo.encode_l2(entry))?;
+            }
+            let end = host + n * cs;
+            if write_zeros {
+                let zeros = vec![0u8; (1 << 20).min(n * cs) as usize];
+                let mut at = host;
+                while at < end {
+                    let len = (end - at).min(zeros.len() as u64) as usize;
+                    self.pwrite(&zeros[..len], at, "preallocating")?;
+                    at += len as u64;
+                }
+            } else if end > self.file_len {
+                self.file
+                    .set_len(end)
+                    .map_err(io_err("extending the file", end))?;
+                self.file_len = end;
+            }
+            self.l2_needs_refcount_sync = true;
+            pos += n * cs;
+        }
+        self.flush_all()
+    }
+
     /// Marks every guest cluster unallocated (commit's "make empty").
     pub fn make_empty(&mut self) -> Result<(), DiskError> {
         let size = self.header.size;

@@ -1,0 +1,222 @@
+//! `ember img convert`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use devices::disk::{DiskImage, ImageFormat, OpenOptions, Qcow2Image};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{create, open, parse_cache, parse_format, parse_size, ImgError, ImgResult};
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Show a progress bar
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Source format (probed when not given)
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: raw (default) or qcow2
+    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+    output_format: String,
+    /// Compress the output's clusters (qcow2)
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Output format options (as for create)
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Write into an existing target instead of creating it
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Target cache mode: writeback or none
+    #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
+    cache: String,
+    /// Source cache mode: writeback or none
+    #[arg(short = 'T', value_name = "SRC_CACHE", default_value = "writeback")]
+    src_cache: String,
+    /// Zero runs at least this long (bytes, K, M) stay unallocated in the target
+    #[arg(short = 'S', value_name = "SPARSE_SIZE", default_value = "4k")]
+    sparse_size: String,
+    /// Print nothing
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Source image
+    source: PathBuf,
+    /// Target image
+    target: PathBuf,
+}
+
+/// Writes `data` at `offset`, skipping blocks of `sparse` zero bytes.
+fn write_sparse(
+    dst: &mut dyn DiskImage,
+    data: &[u8],
+    offset: u64,
+    sparse: usize,
+) -> Result<(), ImgError> {
+    if sparse == 0 {
+        return dst
+            .write_at(data, offset)
+            .map_err(ImgError::disk("cannot write the target"));
+    }
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + sparse).min(data.len());
+        if data[i..end].iter().all(|b| *b == 0) {
+            i = end;
+            continue;
+        }
+        // Extend over following non-zero blocks to write them in one go.
+        let mut j = end;
+        while j < data.len() {
+            let e = (j + sparse).min(data.len());
+            if data[j..e].iter().all(|b| *b == 0) {
+                break;
+            }
+            j = e;
+        }
+        dst.write_at(&data[i..j], offset + i as u64)
+            .map_err(ImgError::disk("cannot write the target"))?;
+        i = j;
+    }
+    Ok(())
+}
+
+pub fn run(args: ConvertArgs) -> ImgResult {
+    let out_format = parse_format("-O", &args.output_format)?;
+    if args.compress && out_format != ImageFormat::Qcow2 {
+        return Err(ImgError::Usage("-c: compression needs -O qcow2".into()));
+    }
+    let src_cache = parse_cache("-T", &args.src_cache)?;
+    let dst_cache = parse_cache("-t", &args.cache)?;
+    let sparse =
+        parse_size(&args.sparse_size).map_err(|e| ImgError::Usage(format!("-S: {e}")))? as usize;
+    let mut src = open(&args.source, args.format.as_deref(), true, src_cache)?;
+    let size = src.size();
+    if !args.no_create {
+        let mut plan = create::plan(&args.options, out_format)?;
+        plan.qcow2.size = size;
+        create::make_image(&args.target, out_format, &plan)?;
+    }
+    let dst_opts = OpenOptions {
+        format: Some(out_format),
+        read_only: false,
+        cache: dst_cache,
+    };
+    let open_err = ImgError::disk(format!("cannot open '{}'", args.target.display()));
+    let mut dst = if args.compress {
+        Target::Compressed(Box::new(
+            Qcow2Image::open(&args.target, &dst_opts).map_err(open_err)?,
+        ))
+    } else {
+        Target::Plain(devices::disk::open_image(&args.target, &dst_opts).map_err(open_err)?)
+    };
+    if dst.image().size() < size {
+        return Err(ImgError::Usage(format!(
+            "-n: target '{}' ({} bytes) is smaller than the source ({size} bytes)",
+            args.target.display(),
+            dst.image().size()
+        )));
+    }
+    let bar = (args.progress && !args.quiet).then(|| {
+        let b = ProgressBar::new(size);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let chunk = match &dst {
+        Target::Compressed(q) => q.cluster_size().max(1 << 20),
+        Target::Plain(_) => 1 << 20,
+    };
+    let mut buf = vec![0u8; chunk as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let ext = src
+            .extent(pos, chunk.min(size - pos))
+            .map_err(ImgError::disk(format!(
+                "cannot read '{}'",
+                args.source.display()
+            )))?;
+        let len = ext.len.min(chunk - pos % chunk).max(1).min(size - pos);
+        if ext.zero {
+            if args.no_create {
+                dst.image()
+                    .write_zeroes(pos, len, true)
+                    .map_err(ImgError::disk("cannot write the target"))?;
+            }
+        } else {
+            let data = &mut buf[..len as usize];
+            src.read_at(data, pos).map_err(ImgError::disk(format!(
+                "cannot read '{}'",
+                args.source.display()
+            )))?;
+            copy_chunk(&mut dst, &args, data, pos, sparse)?;
+        }
+        pos += len;
+        if let Some(b) = &bar {
+            b.set_position(pos);
+        }
+    }
+    dst.image()
+        .flush()
+        .map_err(ImgError::disk("cannot flush the target"))?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where converted data goes.
+enum Target {
+    /// Any image, written plainly.
+    Plain(Box<dyn DiskImage>),
+    /// A qcow2 image receiving compressed clusters.
+    Compressed(Box<Qcow2Image>),
+}
+
+impl Target {
+    fn image(&mut self) -> &mut dyn DiskImage {
+        match self {
+            Target::Plain(d) => d.as_mut(),
+            Target::Compressed(q) => q.as_mut(),
+        }
+    }
+}
+
+fn copy_chunk(
+    dst: &mut Target,
+    args: &ConvertArgs,
+    data: &[u8],
+    pos: u64,
+    sparse: usize,
+) -> Result<(), ImgError> {
+    let img = match dst {
+        Target::Plain(d) => {
+            let sparse = if args.no_create { 0 } else { sparse };
+            return write_sparse(d.as_mut(), data, pos, sparse);
+        }
+        Target::Compressed(q) => q,
+    };
+    let cs = img.cluster_size();
+    // Whole clusters go compressed; a partial one at the end is written plainly.
+    let mut i = 0usize;
+    while i < data.len() {
+        let at = pos + i as u64;
+        let n = ((cs - at % cs) as usize).min(data.len() - i);
+        let piece = &data[i..i + n];
+        if !piece.iter().all(|b| *b == 0) {
+            let written = if at.is_multiple_of(cs) && n as u64 == cs {
+                img.write_compressed(at, piece)
+            } else {
+                img.write_at(piece, at)
+            };
+            written.map_err(ImgError::disk("cannot write the target"))?;
+        }
+        i += n;
+    }
+    Ok(())
+}
