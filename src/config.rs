@@ -5,6 +5,7 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use boot::x86_64::cpuid::{CpuidError, FeatureEdits};
+use devices::disk::{CacheMode, ImageFormat};
 
 /// Guest RAM when `--memory` is not given.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
@@ -14,6 +15,8 @@ pub const DEFAULT_CPUS: u8 = 1;
 pub const MAX_CPUS: u8 = boot::x86_64::mptable::MAX_CPUS;
 /// Most guest RAM accepted.
 pub const MAX_MEMORY: u64 = 1 << 40;
+/// Most `--disk`s (each takes an IRQ of the IOAPIC).
+pub const MAX_DISKS: usize = 16;
 /// Command line when `--cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k";
 
@@ -59,6 +62,79 @@ pub enum RebootAction {
     Restart,
 }
 
+/// One `--disk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its format; probed when None.
+    pub format: Option<ImageFormat>,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial number.
+    pub serial: Option<String>,
+    /// Host cache mode.
+    pub cache: CacheMode,
+}
+
+/// Parses `--disk path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,cache=writeback|none]`
+/// (a bare `FILE` is a path).
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
+    let err = |m: String| ConfigError::new("--disk", m);
+    let mut disk = DiskConfig {
+        path: PathBuf::new(),
+        format: None,
+        read_only: false,
+        serial: None,
+        cache: CacheMode::Writeback,
+    };
+    for (i, item) in s.split(',').enumerate() {
+        let (key, value) = match item.split_once('=') {
+            Some(kv) => kv,
+            None if i == 0 => ("path", item),
+            None => return Err(err(format!("'{item}' is not key=value"))),
+        };
+        match key {
+            "path" | "file" => disk.path = PathBuf::from(value),
+            "format" => {
+                disk.format = Some(
+                    ImageFormat::from_name(value)
+                        .ok_or_else(|| err(format!("format={value}: use raw or qcow2")))?,
+                )
+            }
+            "readonly" | "ro" => {
+                disk.read_only = match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(err(format!("readonly={value}: use on or off"))),
+                }
+            }
+            "serial" => {
+                if value.len() > 20 {
+                    return Err(err(format!("serial={value}: at most 20 characters")));
+                }
+                disk.serial = Some(value.to_string());
+            }
+            "cache" => {
+                disk.cache = match value {
+                    "writeback" => CacheMode::Writeback,
+                    "none" => CacheMode::None,
+                    _ => return Err(err(format!("cache={value}: use writeback or none"))),
+                }
+            }
+            other => {
+                return Err(err(format!(
+                    "unknown key '{other}'; use path, format, readonly, serial or cache"
+                )))
+            }
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(err(format!("'{s}' names no file; use path=FILE")));
+    }
+    Ok(disk)
+}
+
 /// One VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -80,6 +156,10 @@ pub struct VmConfig {
     pub reboot: RebootAction,
     /// Whether the debug-exit port is present.
     pub debug_exit: bool,
+    /// Block devices, in guest order (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// Root device added to the command line as `root=... rw` (e.g. /dev/vda).
+    pub root: Option<String>,
 }
 
 /// Parses a size: a number with an optional K/M/G/T suffix (binary units, optional `iB`/`B`);
@@ -205,6 +285,15 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_readable_file("--initrd", initrd)?;
         }
+        for d in &self.disks {
+            check_readable_file("--disk", &d.path)?;
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::new(
+                "--disk",
+                format!("{} disks given; at most {MAX_DISKS}", self.disks.len()),
+            ));
+        }
         boot::loader::check_cmdline(&self.cmdline, boot::layout::CMDLINE_MAX_SIZE - 1)
             .map_err(|e| ConfigError::new("--cmdline", e.to_string()))
     }
@@ -279,6 +368,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = check_readable_file("--kernel", &dir.path().to_path_buf()).unwrap_err();
         assert!(e.message.contains("not a regular file"));
+    }
+
+    #[test]
+    fn disks_parse_all_keys_and_bare_paths() {
+        let d = parse_disk("path=a.qcow2,format=qcow2,readonly=on,serial=abc,cache=none").unwrap();
+        assert_eq!(d.path, PathBuf::from("a.qcow2"));
+        assert_eq!(d.format, Some(ImageFormat::Qcow2));
+        assert!(d.read_only);
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert_eq!(d.cache, CacheMode::None);
+        assert_eq!(
+            parse_disk("disk.raw").unwrap().path,
+            PathBuf::from("disk.raw")
+        );
+    }
+
+    #[test]
+    fn bad_disk_specs_name_the_option() {
+        for bad in [
+            "format=qcow2",
+            "path=a,format=vmdk",
+            "path=a,readonly=maybe",
+            "path=a,cache=directsync",
+            "path=a,colour=red",
+            "path=a,serial=123456789012345678901",
+            "path=a,junk",
+        ] {
+            let e = parse_disk(bad).unwrap_err();
+            assert_eq!(e.option, "--disk", "{bad}");
+        }
     }
 
     #[test]

@@ -4,16 +4,25 @@
 
 use std::sync::{Arc, Mutex};
 
+use boot::layout::{MAX_IRQ, MMIO_DEVICES_START, MMIO_DEVICE_SIZE, MMIO_FIRST_IRQ};
 use boot::x86_64::acpi;
 use devices::bus::{Bus, BusError};
+use devices::disk::{self, DiskError};
 use devices::legacy::{
     cmos, debug_exit, i8042, serial, AcpiPm, Cmos, DebugExit, SerialDevice, I8042,
 };
+use devices::virtio::block::handler::BlockHandler;
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices::{ExitSink, Interrupt};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::config::DiskConfig;
 use crate::console::{Console, ConsoleError, ConsoleInput};
 use crate::run_state::RunState;
 use crate::vcpu::Buses;
@@ -44,6 +53,27 @@ pub enum DeviceError {
     /// The console.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// A disk image cannot be used.
+    #[error("--disk {path}")]
+    Disk {
+        /// The image.
+        path: String,
+        /// Cause.
+        #[source]
+        source: DiskError,
+    },
+    /// KVM refused an ioeventfd.
+    #[error("KVM refused the ioeventfd at {addr:#x}")]
+    Ioeventfd {
+        /// The notification address.
+        addr: u64,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// More MMIO devices than free IRQs.
+    #[error("too many devices: no IRQ left for another virtio-mmio device")]
+    NoIrq,
 }
 
 /// Builds the buses of one VM.
@@ -51,6 +81,10 @@ pub enum DeviceError {
 pub struct DeviceManager {
     pio: Bus,
     mmio: Bus,
+    /// Virtio-mmio devices attached so far.
+    mmio_devices: u64,
+    /// `virtio_mmio.device=` entries for the kernel command line.
+    cmdline: Vec<String>,
 }
 
 fn irqfd(vm: &VmFd, irq: u32) -> Result<EventFd, DeviceError> {
@@ -125,6 +159,80 @@ impl DeviceManager {
             events.add_subscriber(Arc::new(Mutex::new(handler)));
         }
         Ok(())
+    }
+
+    /// A virtio-blk device for `cfg` on the next MMIO window and IRQ.
+    pub fn attach_block(
+        &mut self,
+        vm: &VmFd,
+        events: &mut EventLoop,
+        mem: &GuestMemoryMmap,
+        cfg: &DiskConfig,
+    ) -> Result<(), DeviceError> {
+        let opts = disk::OpenOptions {
+            format: cfg.format,
+            read_only: cfg.read_only,
+            cache: cfg.cache,
+        };
+        let image = disk::open_image(&cfg.path, &opts).map_err(|source| DeviceError::Disk {
+            path: cfg.path.display().to_string(),
+            source,
+        })?;
+        let block = Arc::new(Mutex::new(Block::new(
+            image,
+            cfg.read_only,
+            cfg.serial.clone(),
+        )));
+        let queue_evt = self.attach_virtio_mmio(vm, mem, block.clone())?;
+        events.add_subscriber(Arc::new(Mutex::new(BlockHandler::new(block, queue_evt))));
+        Ok(())
+    }
+
+    /// Places a virtio device on the MMIO bus: window, IRQ (irqfd), queue ioeventfd,
+    /// command-line entry. Returns the eventfd of its first queue.
+    fn attach_virtio_mmio(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<EventFd, DeviceError> {
+        let index = self.mmio_devices;
+        let irq = MMIO_FIRST_IRQ + index as u32;
+        if irq > MAX_IRQ {
+            return Err(DeviceError::NoIrq);
+        }
+        let base = MMIO_DEVICES_START + index * MMIO_DEVICE_SIZE;
+        let line: Arc<dyn Interrupt> = Arc::new(irqfd(vm, irq)?);
+        let interrupt = Arc::new(VirtioInterrupt::new(line));
+        let queues = devices::bus::lock_device(&device, |d| d.queue_max_sizes().len());
+        let mut evts = Vec::with_capacity(queues);
+        for q in 0..queues {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+            let addr = base + QUEUE_NOTIFY;
+            vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), q as u32)
+                .map_err(|source| DeviceError::Ioeventfd { addr, source })?;
+            evts.push(evt);
+        }
+        let first = evts
+            .first()
+            .map(|e| e.try_clone())
+            .transpose()
+            .map_err(DeviceError::EventFd)?
+            .ok_or(DeviceError::NoIrq)?;
+        let transport = MmioTransport::new(device, interrupt, mem.clone(), evts);
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_DEVICE_SIZE)?;
+        self.cmdline.push(format!(
+            "virtio_mmio.device={}K@{base:#x}:{irq}",
+            MMIO_DEVICE_SIZE >> 10
+        ));
+        self.mmio_devices += 1;
+        Ok(first)
+    }
+
+    /// Kernel command-line entries for the attached devices.
+    pub fn cmdline(&self) -> String {
+        self.cmdline.join(" ")
     }
 
     /// The finished buses, shared by the vCPUs.

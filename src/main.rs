@@ -56,6 +56,13 @@ struct RunArgs {
     /// What a guest reboot does: exit (status 0) or restart [qemu: -no-reboot is exit]
     #[arg(long, value_name = "ACTION", default_value = "exit")]
     reboot: String,
+    /// Block device: path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,cache=writeback|none];
+    /// repeatable: vda, vdb, ... [qemu: -drive if=virtio]
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// Root device, added to the command line as root=DEVICE rw (e.g. /dev/vda)
+    #[arg(long, value_name = "DEVICE")]
+    root: Option<String>,
     /// isa-debug-exit on port 0xf4: a guest write of V exits with status (V << 1) | 1
     #[arg(long, value_name = "on|off", default_value = "on", num_args = 0..=1,
           default_missing_value = "on")]
@@ -87,6 +94,12 @@ impl RunArgs {
             },
             reboot: config::parse_reboot(&self.reboot)?,
             debug_exit,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| config::parse_disk(d))
+                .collect::<Result<_, _>>()?,
+            root: self.root,
         })
     }
 }

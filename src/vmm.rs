@@ -80,6 +80,7 @@ impl VmmError {
     pub fn is_user_error(&self) -> bool {
         match self {
             VmmError::TooManyCpus { .. } | VmmError::Open { .. } | VmmError::Cpuid(_) => true,
+            VmmError::Device(DeviceError::Disk { .. } | DeviceError::NoIrq) => true,
             VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
             _ => false,
         }
@@ -272,6 +273,10 @@ impl Vmm {
         let mut devices = DeviceManager::new();
         devices.attach_legacy(state.clone(), cfg.debug_exit)?;
         devices.attach_serial(&vm, &mut events, console, state.clone())?;
+        for disk in &cfg.disks {
+            devices.attach_block(&vm, &mut events, &mem, disk)?;
+        }
+        let device_cmdline = devices.cmdline();
         let buses = Arc::new(devices.into_buses());
 
         let tsc_deadline = vm.check_extension(Cap::TscDeadlineTimer);
@@ -285,7 +290,14 @@ impl Vmm {
             vcpus.push(vcpu);
         }
         let forced = cpuid::visible(&vcpus[0].effective_cpuid()?, &plan.hidden);
-        let (cmdline, cleared) = guest_cmdline(&cfg.cmdline, &forced);
+        let mut user_cmdline = cfg.cmdline.clone();
+        if let Some(root) = &cfg.root {
+            user_cmdline.push_str(&format!(" root={root} rw"));
+        }
+        if !device_cmdline.is_empty() {
+            user_cmdline = format!("{} {device_cmdline}", user_cmdline.trim_end());
+        }
+        let (cmdline, cleared) = guest_cmdline(&user_cmdline, &forced);
 
         let mut kernel = open("--kernel", &cfg.kernel)?;
         let mut initrd = match &cfg.initrd {

@@ -100,6 +100,11 @@ pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'st
     dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Runs `f` on a locked shared device of any kind.
+pub fn lock_device<T: ?Sized, R>(dev: &Arc<Mutex<T>>, f: impl FnOnce(&mut T) -> R) -> R {
+    f(&mut dev.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

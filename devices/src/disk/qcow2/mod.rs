@@ -965,14 +965,9 @@ impl DiskImage for Qcow2Image {
                         ..inner
                     }
                 }
-                Some(_) => Extent {
-                    depth: 1,
-                    zero: true,
-                    present: false,
-                    data: false,
-                    ..base
-                },
-                None => Extent {
+                // Past the backing file's end nothing below holds data: like qemu, the
+                // depth stays at this layer.
+                _ => Extent {
                     depth: 0,
                     zero: true,
                     present: false,

@@ -1,0 +1,284 @@
+//! virtio-blk over any [`DiskImage`]: read, write, flush, get-ID, discard, write-zeroes,
+//! read-only, block size, segment limits.
+
+pub mod handler;
+pub mod request;
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+use super::{
+    device_type, features, read_config_bytes, ActivateError, RateLimitedLog, VirtioDevice,
+    VirtioInterrupt,
+};
+use crate::disk::DiskImage;
+use request::{Capabilities, RequestError};
+
+/// Entries of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest segment the driver may use (bytes).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most segments per request (data descriptors; header and status come on top).
+pub const SEG_MAX: u32 = (QUEUE_SIZE - 2) as u32;
+
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+/// Size of `struct virtio_blk_config` as we fill it.
+const CONFIG_LEN: usize = 0x3c;
+
+/// A running device: what activation handed over.
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    disk: Box<dyn DiskImage>,
+    read_only: bool,
+    serial: Vec<u8>,
+    offered: u64,
+    acked: u64,
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+    bounce: Vec<u8>,
+    log: RateLimitedLog,
+}
+
+impl Block {
+    /// A device serving `disk`; `serial` is what get-ID returns (up to 20 bytes).
+    pub fn new(disk: Box<dyn DiskImage>, read_only: bool, serial: Option<String>) -> Self {
+        let read_only = read_only || disk.read_only();
+        let mut offered = features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | F_SIZE_MAX
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH;
+        if read_only {
+            offered |= F_RO;
+        } else {
+            offered |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        let mut dev = Block {
+            serial: serial.map(String::into_bytes).unwrap_or_default(),
+            disk,
+            read_only,
+            offered,
+            acked: 0,
+            config: [0; CONFIG_LEN],
+            active: None,
+            bounce: Vec::new(),
+            log: RateLimitedLog::new(),
+        };
+        dev.fill_config();
+        dev
+    }
+
+    fn fill_config(&mut self) {
+        let c = &mut self.config;
+        let put32 =
+            |c: &mut [u8], at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        c[0..8].copy_from_slice(&(self.disk.size() / request::SECTOR).to_le_bytes());
+        put32(c, 0x08, SIZE_MAX);
+        put32(c, 0x0c, SEG_MAX);
+        put32(c, 0x14, request::SECTOR as u32); // blk_size
+        put32(c, 0x24, request::MAX_SEGMENT_SECTORS); // max_discard_sectors
+        put32(c, 0x28, request::MAX_SEGMENTS); // max_discard_seg
+        put32(c, 0x2c, 1); // discard_sector_alignment
+        put32(c, 0x30, request::MAX_SEGMENT_SECTORS); // max_write_zeroes_sectors
+        put32(c, 0x34, request::MAX_SEGMENTS); // max_write_zeroes_seg
+        c[0x38] = 1; // write_zeroes_may_unmap
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn caps(&self) -> Capabilities {
+        Capabilities {
+            read_only: self.read_only,
+            flush: self.acked & F_FLUSH != 0,
+            discard: self.acked & F_DISCARD != 0,
+            write_zeroes: self.acked & F_WRITE_ZEROES != 0,
+        }
+    }
+
+    /// Serves every available request; raises the interrupt if the driver wants one.
+    /// Returns how many requests were completed.
+    pub fn process_queue(&mut self) -> usize {
+        let caps = self.caps();
+        let Some(active) = self.active.as_mut() else {
+            return 0;
+        };
+        let mem = active.mem.clone();
+        let mut done = 0;
+        loop {
+            if let Err(e) = active.queue.disable_notification(&mem) {
+                self.log
+                    .warn(format_args!("virtio-blk: queue unusable: {e:?}"));
+                return done;
+            }
+            let chains: Vec<_> = match active.queue.iter(&mem) {
+                Ok(iter) => iter.collect(),
+                Err(e) => {
+                    self.log
+                        .warn(format_args!("virtio-blk: bad available ring: {e:?}"));
+                    return done;
+                }
+            };
+            for chain in chains {
+                let head = chain.head_index();
+                let used = serve(
+                    &mem,
+                    chain,
+                    self.disk.as_mut(),
+                    caps,
+                    &self.serial,
+                    &mut self.bounce,
+                    &mut self.log,
+                );
+                if let Err(e) = active.queue.add_used(&mem, head, used) {
+                    self.log
+                        .warn(format_args!("virtio-blk: cannot complete a request: {e:?}"));
+                    return done;
+                }
+                done += 1;
+            }
+            match active.queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.log
+                        .warn(format_args!("virtio-blk: queue unusable: {e:?}"));
+                    break;
+                }
+            }
+        }
+        if done > 0 && active.queue.needs_notification(&mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+        done
+    }
+}
+
+/// Serves one descriptor chain; returns the bytes written into guest memory (data and the
+/// status byte), as the used ring reports them.
+fn serve<M>(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+    disk: &mut dyn DiskImage,
+    caps: Capabilities,
+    serial: &[u8],
+    bounce: &mut Vec<u8>,
+    log: &mut RateLimitedLog,
+) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+{
+    let (mut reader, mut writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain))
+    {
+        (Ok(r), Ok(w)) => (r, w),
+        _ => {
+            log.warn(format_args!(
+                "virtio-blk: descriptor chain points outside guest memory"
+            ));
+            return 0;
+        }
+    };
+    let writable = writer.available_bytes();
+    if writable == 0 {
+        log.warn(format_args!(
+            "virtio-blk: request without room for a status byte"
+        ));
+        return 0;
+    }
+    let mut status_writer = match writer.split_at(writable - 1) {
+        Ok(s) => s,
+        Err(_) => return 0,
+    };
+    let (status, data_len) = match request::read_header(&mut reader)
+        .and_then(|h| request::execute(h, &mut reader, &mut writer, disk, caps, serial, bounce))
+    {
+        Ok(n) => (request::S_OK, n),
+        Err(e) => {
+            if !matches!(e, RequestError::Unsupported(_)) {
+                log.warn(format_args!("virtio-blk: {e}"));
+            }
+            (e.status(), writer.bytes_written() as u32)
+        }
+    };
+    match status_writer.write_obj(status) {
+        Ok(()) => data_len + 1,
+        Err(_) => data_len,
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.offered
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.offered;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Nothing in virtio-blk's config space is writable without CONFIG_WCE.
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: 1,
+            });
+        }
+        let queue = queues.remove(0);
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked = 0;
+        if let Err(e) = self.disk.flush() {
+            log::warn!("virtio-blk: flush on reset failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

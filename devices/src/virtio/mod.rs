@@ -1,0 +1,194 @@
+//! Virtio devices over the virtio-mmio transport (virtio 1.x, register layout version 2).
+//!
+//! Three layers per device: the queue logic, generic over its backend and its interrupt;
+//! a thin event-loop adapter holding the queue eventfds; the backend behind a small trait.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::Interrupt;
+
+/// Feature bits common to all devices.
+pub mod features {
+    /// Indirect descriptor tables.
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    /// used_event / avail_event notification suppression.
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// Virtio 1.x ("modern").
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Device status bits (set by the driver).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is done.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error and needs a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Device types.
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+}
+
+/// Interrupt status of a virtio-mmio device, shared by the transport (which reads and
+/// acknowledges it on vCPU threads) and the device (which raises it on the event loop).
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    line: Arc<dyn Interrupt>,
+}
+
+/// InterruptStatus bit: a queue has used buffers.
+pub const INT_USED_RING: u32 = 1;
+/// InterruptStatus bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+impl VirtioInterrupt {
+    /// An interrupt raised on `line`.
+    pub fn new(line: Arc<dyn Interrupt>) -> Self {
+        VirtioInterrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            log::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver a queue has used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    /// Tells the driver the configuration space changed.
+    pub fn signal_config_change(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    /// Current InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the given bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a queue the device cannot use.
+    #[error("queue {0} is not usable: {1}")]
+    BadQueue(usize, &'static str),
+    /// Wrong number of queues.
+    #[error("{got} queues given, {want} expected")]
+    QueueCount {
+        /// Given.
+        got: usize,
+        /// Expected.
+        want: usize,
+    },
+}
+
+/// A virtio device behind the transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device type.
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn features(&self) -> u64;
+    /// Features the driver accepted (a subset of [`Self::features`]).
+    fn ack_features(&mut self, features: u64);
+    /// Reads the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the driver's queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device (driver reset): queues are dropped, features forgotten.
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes at `offset` of a config space held in `config`; bytes past it
+/// read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// Logs guest mistakes at most once per second, counting what it held back.
+pub struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RateLimitedLog {
+    /// A limiter that has logged nothing yet.
+    pub fn new() -> Self {
+        RateLimitedLog {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Logs `msg` unless a line went out less than a second ago.
+    pub fn warn(&mut self, msg: std::fmt::Arguments) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            log::warn!("{msg} ({} similar messages suppressed)", self.suppressed);
+        } else {
+            log::warn!("{msg}");
+        }
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
