@@ -5,7 +5,7 @@
 
 use super::refcount::set_entry;
 use super::table::{compressed_host_clusters, get_be64, set_be64, L2Entry, COPIED};
-use super::{DiskError, Qcow2Image};
+use super::{DiskError, Qcow2Image, QcowError};
 
 /// What to repair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +57,9 @@ impl Census {
             return;
         }
         let first = offset >> self.cluster_bits;
-        let last = (offset + len - 1) >> self.cluster_bits;
+        let last = offset
+            .checked_add(len - 1)
+            .map_or(u64::MAX, |e| e >> self.cluster_bits);
         if last >= self.file_clusters {
             self.report.corruptions += 1;
             self.report.messages.push(format!(
@@ -81,6 +83,17 @@ impl Census {
 
 impl Qcow2Image {
     fn read_table(&self, offset: u64, entries: u64) -> Result<Vec<u64>, DiskError> {
+        // Check the range before allocating: the sizes come from the image.
+        if entries
+            .checked_mul(8)
+            .and_then(|len| offset.checked_add(len))
+            .is_none_or(|end| end > self.file_len)
+        {
+            return Err(QcowError::Corrupt(format!(
+                "table at {offset:#x} ({entries} entries) lies past the end of the file"
+            ))
+            .into());
+        }
         let mut bytes = vec![0u8; (entries * 8) as usize];
         self.pread(&mut bytes, offset, "reading a table")?;
         Ok((0..entries as usize).map(|i| get_be64(&bytes, i)).collect())
@@ -180,6 +193,10 @@ impl Qcow2Image {
             return Ok(());
         }
         c.add(bm.directory_offset, bm.directory_size, "bitmap directory");
+        if bm.directory_offset.saturating_add(bm.directory_size) > self.file_len {
+            c.bad("ERROR bitmap directory lies past the end of the image".into());
+            return Ok(());
+        }
         let mut dir = vec![0u8; bm.directory_size as usize];
         self.pread(
             &mut dir,
@@ -260,29 +277,32 @@ impl Qcow2Image {
         let per = self.refcounts_per_block();
         let mut leaked = Vec::new();
         let mut low = 0u64;
-        // Every cluster a refcount block covers, and every referenced cluster.
-        let blocks: Vec<u64> = (0..self.refcount_table.len() as u64)
-            .filter(|r| self.refcount_table[*r as usize] != 0)
-            .collect();
-        let mut clusters: Vec<u64> = blocks.iter().flat_map(|r| r * per..(r + 1) * per).collect();
-        clusters.extend(
-            (0..c.refs.len() as u64)
-                .filter(|i| c.refs[*i as usize] > 0 && !blocks.contains(&(i / per))),
-        );
-        for i in clusters {
-            let stored = self.refcount_of_public(i)?;
-            let computed = c.refs.get(i as usize).copied().unwrap_or(0);
-            if stored < computed {
-                low += 1;
-                c.bad(format!(
-                    "ERROR cluster {i} refcount={stored} reference={computed}"
-                ));
-            } else if stored > computed {
-                c.report.leaks += 1;
-                c.report.messages.push(format!(
-                    "Leaked cluster {i} refcount={stored} reference={computed}"
-                ));
-                leaked.push((i, computed));
+        // Every cluster a refcount block covers (read straight from the block), then every
+        // referenced cluster in a range without a block.
+        let order = self.header.refcount_order;
+        let mut with_block = vec![false; self.refcount_table.len()];
+        for r in 0..self.refcount_table.len() {
+            let block = self.refcount_table[r];
+            if block == 0 || !block.is_multiple_of(cs) || block.saturating_add(cs) > self.file_len {
+                continue;
+            }
+            with_block[r] = true;
+            let mut data = vec![0u8; cs as usize];
+            self.pread(&mut data, block, "reading a refcount block")?;
+            for idx in 0..per {
+                let i = r as u64 * per + idx;
+                let stored = super::refcount::get_entry(&data, order, idx as usize);
+                let computed = c.refs.get(i as usize).copied().unwrap_or(0);
+                if stored != computed {
+                    Self::compare(&mut c, &mut low, &mut leaked, i, stored, computed);
+                }
+            }
+        }
+        for i in 0..c.refs.len() as u64 {
+            let covered = with_block.get((i / per) as usize).copied().unwrap_or(false);
+            if !covered && c.refs[i as usize] > 0 {
+                let computed = c.refs[i as usize];
+                Self::compare(&mut c, &mut low, &mut leaked, i, 0, computed);
             }
         }
         c.report.image_end_offset =
@@ -317,8 +337,27 @@ impl Qcow2Image {
         Ok(c.report)
     }
 
-    fn refcount_of_public(&mut self, cluster: u64) -> Result<u64, DiskError> {
-        self.refcount(cluster << self.header.cluster_bits)
+    /// Records one stored/computed refcount mismatch.
+    fn compare(
+        c: &mut Census,
+        low: &mut u64,
+        leaked: &mut Vec<(u64, u64)>,
+        i: u64,
+        stored: u64,
+        computed: u64,
+    ) {
+        if stored < computed {
+            *low += 1;
+            c.bad(format!(
+                "ERROR cluster {i} refcount={stored} reference={computed}"
+            ));
+        } else {
+            c.report.leaks += 1;
+            c.report.messages.push(format!(
+                "Leaked cluster {i} refcount={stored} reference={computed}"
+            ));
+            leaked.push((i, computed));
+        }
     }
 
     /// Verifies (and with `fix`, corrects) the copied flags of the active tables.

@@ -557,3 +557,26 @@ fn random_garbage_never_panics_the_opener() {
         }
     }
 }
+
+#[test]
+fn absurd_offsets_in_tables_do_not_overflow_the_check() {
+    // Found by the qcow2_image fuzz target: a refcount table entry near u64::MAX.
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(
+        dir.path(),
+        "o.qcow2",
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    );
+    let img = open_rw(&p);
+    let rt = img.header().refcount_table_offset;
+    drop(img);
+    patch(&p, rt + 8, &0xffff_ffff_ffff_0000u64.to_be_bytes());
+    let file = HostFile::open(&p, true, CacheMode::Writeback).unwrap();
+    let mut img = Qcow2Image::from_file(file, &p, true).unwrap();
+    let r = img.check(Repair::None).unwrap();
+    assert_eq!(r.corruptions, 1, "{:?}", r.messages);
+    assert!(r.messages[0].contains("refcount block at 0xffffffffffff0000"));
+}

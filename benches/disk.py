@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Disk benchmarks, Ember beside its peers, printed as tables:
+
+1. `ember img bench` vs `qemu-img bench` on the same qcow2 file: 4 KiB "random" (qemu-img
+   bench's stepping with a large prime step, so both tools issue the identical offsets) and
+   1 MiB sequential, read and write, queue depth 1 and 32.
+2. `ember img convert` vs `qemu-img convert` of a 1 GiB image (qcow2 -> raw, raw -> qcow2,
+   raw -> compressed qcow2).
+3. Guest `dd` through virtio-blk (64 MiB, O_DIRECT) under ember vs qemu microvm, same guest.
+
+usage: benches/disk.sh [--skip-guest] [--runs N]
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST = os.path.join(REPO, "target", "guest")
+EMBER = os.path.join(REPO, "target", "release", "ember")
+
+
+def sh(*argv, **kw):
+    return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kw)
+
+
+def timed(argv):
+    t = time.monotonic()
+    sh(*argv)
+    return time.monotonic() - t
+
+
+def bench_table(workdir, runs):
+    img = os.path.join(workdir, "bench.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", img, "1G")
+    step4k = str(4096 * 7919)
+    cases = [
+        ("4K rand read  qd1", ["-c", "20000", "-d", "1", "-s", "4k", "-S", step4k]),
+        ("4K rand read  qd32", ["-c", "20000", "-d", "32", "-s", "4k", "-S", step4k]),
+        ("4K rand write qd1", ["-w", "-c", "20000", "-d", "1", "-s", "4k", "-S", step4k]),
+        ("4K rand write qd32", ["-w", "-c", "20000", "-d", "32", "-s", "4k", "-S", step4k]),
+        ("1M seq read   qd1", ["-c", "1000", "-d", "1", "-s", "1M"]),
+        ("1M seq read   qd32", ["-c", "1000", "-d", "32", "-s", "1M"]),
+        ("1M seq write  qd1", ["-w", "-c", "1000", "-d", "1", "-s", "1M"]),
+        ("1M seq write  qd32", ["-w", "-c", "1000", "-d", "32", "-s", "1M"]),
+    ]
+    print("\n== img bench: 1 GiB qcow2 (preallocation=full), cache=writeback, "
+          f"median of {runs} alternating runs")
+    print(f"{'case':20s} {'ember MiB/s':>12s} {'qemu-img MiB/s':>15s} {'ember IOPS':>11s} "
+          f"{'qemu-img IOPS':>14s}")
+    for name, args in cases:
+        count = int(args[args.index("-c") + 1])
+        size = 4096 if "4k" in args else 1 << 20
+        res = {"ember": [], "qemu": []}
+        for _ in range(runs):
+            res["ember"].append(timed([EMBER, "img", "bench", "-f", "qcow2", *args, img]))
+            res["qemu"].append(timed(["qemu-img", "bench", "-f", "qcow2", *args, img]))
+        e, q = statistics.median(res["ember"]), statistics.median(res["qemu"])
+        mib = lambda t: count * size / t / (1 << 20)
+        print(f"{name:20s} {mib(e):12.1f} {mib(q):15.1f} {count / e:11.0f} {count / q:14.0f}")
+
+
+def convert_table(workdir, runs):
+    src = os.path.join(workdir, "src.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, "1G")
+    cmds = []
+    for i in range(0, 1024, 2):  # half the disk: 1 MiB extents with varied patterns
+        cmds += ["-c", f"write -P {i % 250 + 1} {i}M 1M"]
+    sh("qemu-io", "-f", "qcow2", *cmds, src)
+    raw = os.path.join(workdir, "src.raw")
+    sh("qemu-img", "convert", "-O", "raw", src, raw)
+    out = os.path.join(workdir, "out")
+    cases = [("qcow2 -> raw", ["-O", "raw"], src), ("raw -> qcow2", ["-O", "qcow2"], raw),
+             ("raw -> qcow2 -c", ["-c", "-O", "qcow2"], raw)]
+    print(f"\n== convert: 1 GiB image, 512 MiB of data, median of {runs} alternating runs")
+    print(f"{'case':20s} {'ember s':>9s} {'qemu-img s':>11s}")
+    for name, args, s in cases:
+        e, q = [], []
+        for _ in range(runs):
+            for tool, acc in ((EMBER, e), ("qemu-img", q)):
+                if os.path.exists(out):
+                    os.remove(out)
+                argv = [EMBER, "img", "convert", *args, s, out] if tool == EMBER else \
+                    ["qemu-img", "convert", *args, s, out]
+                acc.append(timed(argv))
+        print(f"{name:20s} {statistics.median(e):9.2f} {statistics.median(q):11.2f}")
+
+
+def guest_dd(workdir, runs):
+    kernel = os.path.join(GUEST, "vmlinux")
+    initrd = os.path.join(GUEST, "initramfs.cpio")
+    qemu = sh(os.path.join(REPO, "benches", "peers.sh")).stdout.strip()
+    share = os.path.join(os.path.dirname(os.path.dirname(qemu)), "share")
+    disk = os.path.join(workdir, "vdb.raw")
+    sh("qemu-img", "create", "-q", "-f", "raw", disk, "256M")
+    base = "console=ttyS0 quiet tsc=reliable no_timer_check ember.run=dd-bench ember.end=poweroff"
+    probe = subprocess.run([EMBER, "run", "--kernel", kernel, "--memory", "16M", "--serial",
+                            "none", "--cmdline", "exit=0"], stderr=subprocess.PIPE, text=True)
+    m = re.search(r"so clearcpuid=(\S+) is added", probe.stderr)
+    qemu_cmdline = base + (f" clearcpuid={m.group(1)}" if m else "")
+    hidden = "-cx16,-xsave,-smap,-popcnt,-rdrand,-rdseed,-fsgsbase,-invpcid,-pcid,-umip,-pku," \
+             "-kvm-pv-ipi,-kvm-pv-unhalt,-kvm-pv-sched-yield,-arch-capabilities"
+    vmms = {
+        "ember": [EMBER, "run", "--kernel", kernel, "--initrd", initrd, "--memory", "128M",
+                  "--disk", f"path={disk},format=raw", "--cmdline", base],
+        "qemu microvm": [qemu, "-L", os.path.join(share, "qemu"), "-L",
+                         os.path.join(share, "seabios"), "-M", "microvm,rtc=on", "-enable-kvm",
+                         "-cpu", "host," + hidden, "-m", "128", "-nographic", "-nodefaults",
+                         "-no-reboot", "-serial", "stdio", "-kernel", kernel, "-initrd", initrd,
+                         "-drive", f"id=d0,file={disk},format=raw,if=none,cache=writeback",
+                         "-device", "virtio-blk-device,drive=d0", "-append", qemu_cmdline],
+    }
+    rates = {k: {"write": [], "read": []} for k in vmms}
+    for _ in range(runs):
+        for name, argv in vmms.items():
+            out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, timeout=1800).stdout
+            for kind in ("write", "read"):
+                m = re.search(rf"EMBER-DD {kind} .*?([0-9.]+)([KMG])B/s", out)
+                if not m:
+                    sys.exit(f"{name}: no dd {kind} result:\n{out[-1500:]}")
+                scale = {"K": 1 / 1024, "M": 1, "G": 1024}[m.group(2)]
+                rates[name][kind].append(float(m.group(1)) * scale)
+    print(f"\n== guest dd through virtio-blk: 64 MiB, bs=1M, O_DIRECT, raw image, median of "
+          f"{runs} runs (MB/s as busybox dd prints it)")
+    print(f"{'VMM':14s} {'write MB/s':>11s} {'read MB/s':>10s}")
+    for name, r in rates.items():
+        print(f"{name:14s} {statistics.median(r['write']):11.1f} "
+              f"{statistics.median(r['read']):10.1f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip-guest", action="store_true")
+    args = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q"], cwd=REPO, check=True)
+    with tempfile.TemporaryDirectory(dir=os.path.join(REPO, "target")) as d:
+        bench_table(d, args.runs)
+        convert_table(d, args.runs)
+        if not args.skip_guest:
+            guest_dd(d, max(1, args.runs // 2))
+
+
+if __name__ == "__main__":
+    main()
