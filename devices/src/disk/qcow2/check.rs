@@ -281,8 +281,8 @@ impl Qcow2Image {
         // referenced cluster in a range without a block.
         let order = self.header.refcount_order;
         let mut with_block = vec![false; self.refcount_table.len()];
-        for r in 0..self.refcount_table.len() {
-            let block = self.refcount_table[r];
+        let table = self.refcount_table.clone();
+        for (r, &block) in table.iter().enumerate() {
             if block == 0 || !block.is_multiple_of(cs) || block.saturating_add(cs) > self.file_len {
                 continue;
             }
