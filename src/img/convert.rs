@@ -29,8 +29,9 @@ pub struct ConvertArgs {
     /// Write into an existing target instead of creating it
     #[arg(short = 'n')]
     no_create: bool,
-    /// Target cache mode: writeback or none
-    #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
+    /// Target cache mode: unsafe (default, as qemu-img: no flush at the end), writeback
+    /// (flush at the end) or none (O_DIRECT, flush at the end)
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
     cache: String,
     /// Source cache mode: writeback or none
     #[arg(short = 'T', value_name = "SRC_CACHE", default_value = "writeback")]
@@ -161,9 +162,16 @@ pub fn run(args: ConvertArgs) -> ImgResult {
             b.set_position(pos);
         }
     }
-    dst.image()
-        .flush()
-        .map_err(ImgError::disk("cannot flush the target"))?;
+    if args.cache == "unsafe" {
+        // Tables still reach the file (the page cache), without a sync.
+        dst.image()
+            .write_back()
+            .map_err(ImgError::disk("cannot write the target's tables"))?;
+    } else {
+        dst.image()
+            .flush()
+            .map_err(ImgError::disk("cannot flush the target"))?;
+    }
     if let Some(b) = bar {
         b.finish();
     }

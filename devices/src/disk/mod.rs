@@ -136,6 +136,10 @@ pub trait DiskImage: Send {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError>;
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), DiskError>;
+    /// Writes cached metadata to the file without syncing it (for cache=unsafe users).
+    fn write_back(&mut self) -> Result<(), DiskError> {
+        Ok(())
+    }
     /// Says `[offset, offset + len)` is unused; later reads return zeros or older data.
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError>;
     /// Makes `[offset, offset + len)` read as zeros, deallocating where `unmap` allows.

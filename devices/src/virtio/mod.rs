@@ -5,6 +5,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

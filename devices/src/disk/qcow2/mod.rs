@@ -873,6 +873,23 @@ impl DiskImage for Qcow2Image {
         self.flush_all()
     }
 
+    fn write_back(&mut self) -> Result<(), DiskError> {
+        if self.read_only {
+            return Ok(());
+        }
+        // Refcounts first, then tables, in that write order but without syncs: the file
+        // is consistent for anything but a power loss before the page cache is written.
+        self.write_back_refcounts()?;
+        for table in self.l2_cache.dirty() {
+            let data = self.l2_cache.peek(table).map(<[u8]>::to_vec);
+            if let Some(data) = data {
+                self.pwrite(&data, table, "writing an L2 table")?;
+                self.l2_cache.mark_clean(table);
+            }
+        }
+        Ok(())
+    }
+
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.check_writable(offset, len)?;
         let make = if self.backing.is_some() {

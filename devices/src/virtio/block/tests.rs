@@ -3,46 +3,29 @@
 
 use std::sync::Arc;
 
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::request::*;
 use super::*;
 use crate::disk::{HostFile, RawImage};
 use crate::test_utils::CountingInterrupt;
+use crate::virtio::testing::{GuestQueue, F_INDIRECT, F_NEXT};
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
 const QUEUE_AT: u64 = 0x1000;
 const DATA_AT: u64 = 0x10_0000;
 const MEM: usize = 16 << 20;
 
 struct Rig {
+    q: GuestQueue,
     mem: GuestMemoryMmap,
     dev: Block,
     irq: Arc<CountingInterrupt>,
-    desc_table: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
     disk_file: std::fs::File,
 }
 
 fn rig_with(read_only: bool, acked: u64) -> Rig {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let (desc_table, avail, used, queue) = {
-        let mq = MockSplitQueue::create(&mem, GuestAddress(QUEUE_AT), QUEUE_SIZE);
-        let q: Queue = mq.create_queue().unwrap();
-        (
-            mq.desc_table_addr().0,
-            mq.avail_addr().0,
-            mq.used_addr().0,
-            q,
-        )
-    };
+    let (q, queue) = GuestQueue::new(&mem, QUEUE_AT, QUEUE_SIZE);
     let f = tempfile::tempfile().unwrap();
     f.set_len(1 << 20).unwrap();
     let disk = RawImage::from_host_file(HostFile::from_file(f.try_clone().unwrap()), false, false)
@@ -57,14 +40,10 @@ fn rig_with(read_only: bool, acked: u64) -> Rig {
     let vi = Arc::new(VirtioInterrupt::new(irq.clone()));
     dev.activate(mem.clone(), vec![queue], vi).unwrap();
     Rig {
+        q,
         mem,
         dev,
         irq,
-        desc_table,
-        avail,
-        used,
-        next_desc: 0,
-        avail_idx: 0,
         disk_file: f,
     }
 }
@@ -74,56 +53,10 @@ fn rig() -> Rig {
 }
 
 impl Rig {
-    /// Writes a descriptor, returns its index.
-    fn desc(&mut self, addr: u64, len: u32, flags: u16, next: u16) -> u16 {
-        let i = self.next_desc;
-        self.next_desc += 1;
-        let at = self.desc_table + u64::from(i) * 16;
-        self.mem.write_obj(addr, GuestAddress(at)).unwrap();
-        self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-        self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-        i
-    }
-
-    /// Builds a chain from (addr, len, writable) parts and makes it available.
-    fn chain(&mut self, parts: &[(u64, u32, bool)]) -> u16 {
-        let first = self.next_desc;
-        for (k, (addr, len, w)) in parts.iter().enumerate() {
-            let last = k + 1 == parts.len();
-            let flags = if *w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            self.desc(*addr, *len, flags, first + k as u16 + 1);
-        }
-        self.publish(first);
-        first
-    }
-
-    fn publish(&mut self, head: u16) {
-        let slot = self.avail + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-
     fn header(&self, at: u64, kind: u32, sector: u64) {
         self.mem.write_obj(kind, GuestAddress(at)).unwrap();
         self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
         self.mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
-    }
-
-    /// (id, len) of used entry `i`.
-    fn used_elem(&self, i: u16) -> (u32, u32) {
-        let at = self.used + 4 + u64::from(i) * 8;
-        (
-            self.mem.read_obj(GuestAddress(at)).unwrap(),
-            self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
-        )
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
     }
 
     fn status_at(&self, at: u64) -> u8 {
@@ -132,14 +65,14 @@ impl Rig {
 
     /// A request header + data + status; returns the status address.
     fn request(&mut self, kind: u32, sector: u64, data: Option<(u64, u32, bool)>) -> u64 {
-        let base = DATA_AT + u64::from(self.next_desc) * 0x1_0000;
+        let base = DATA_AT + u64::from(self.q.used_idx() + self.q.avail_pending()) * 0x1_0000;
         self.header(base, kind, sector);
         let status = base + 0x100;
         self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
         let mut parts = vec![(base, 16, false)];
         parts.extend(data);
         parts.push((status, 1, true));
-        self.chain(&parts);
+        self.q.chain(&parts);
         status
     }
 }
@@ -152,7 +85,7 @@ fn write_then_read_round_trips_and_interrupts() {
     let st = r.request(T_OUT, 8, Some((buf, 4096, false)));
     assert_eq!(r.dev.process_queue(), 1);
     assert_eq!(r.status_at(st), S_OK);
-    assert_eq!(r.used_elem(0), (0, 1));
+    assert_eq!(r.q.used_elem(0), (0, 1));
     assert!(r.irq.count() >= 1);
     let mut on_disk = [0u8; 4096];
     std::os::unix::fs::FileExt::read_exact_at(&r.disk_file, &mut on_disk, 8 * 512).unwrap();
@@ -162,7 +95,7 @@ fn write_then_read_round_trips_and_interrupts() {
     let st = r.request(T_IN, 8, Some((back, 4096, true)));
     r.dev.process_queue();
     assert_eq!(r.status_at(st), S_OK);
-    assert_eq!(r.used_elem(1).1, 4097);
+    assert_eq!(r.q.used_elem(1).1, 4097);
     let mut got = [0u8; 4096];
     r.mem.read_slice(&mut got, GuestAddress(back)).unwrap();
     assert_eq!(got, [0xab; 4096]);
@@ -174,7 +107,7 @@ fn header_split_across_descriptors_is_accepted() {
     let h = DATA_AT;
     r.header(h, T_IN, 0);
     let st = h + 0x200;
-    r.chain(&[
+    r.q.chain(&[
         (h, 4, false),
         (h + 4, 12, false),
         (h + 0x1000, 512, true),
@@ -272,45 +205,47 @@ fn hostile_chains_never_panic_or_hang() {
     let mut r = rig();
     // Buffer outside guest memory.
     r.header(DATA_AT, T_IN, 0);
-    r.chain(&[
+    r.q.chain(&[
         (DATA_AT, 16, false),
         (1 << 40, 512, true),
         (DATA_AT + 0x100, 1, true),
     ]);
     // No writable byte for the status.
-    r.chain(&[(DATA_AT, 16, false)]);
+    r.q.chain(&[(DATA_AT, 16, false)]);
     // A descriptor whose next points at itself: a loop.
-    let me = r.next_desc;
-    r.desc(DATA_AT, 16, F_NEXT, me);
-    r.publish(me);
+    let me = r.q.next_index();
+    r.q.desc(DATA_AT, 16, F_NEXT, me);
+    r.q.publish(me);
     // Next index past the table.
-    let bad = r.next_desc;
-    r.desc(DATA_AT, 16, F_NEXT, 60_000);
-    r.publish(bad);
+    let bad = r.q.next_index();
+    r.q.desc(DATA_AT, 16, F_NEXT, 60_000);
+    r.q.publish(bad);
     // Zero-length descriptors only.
-    r.chain(&[(DATA_AT, 0, false), (DATA_AT, 0, true)]);
+    r.q.chain(&[(DATA_AT, 0, false), (DATA_AT, 0, true)]);
     // Header shorter than 16 bytes, with a status byte.
-    r.chain(&[(DATA_AT, 8, false), (DATA_AT + 0x300, 1, true)]);
+    r.q.chain(&[(DATA_AT, 8, false), (DATA_AT + 0x300, 1, true)]);
     // Huge length overflowing the chain total.
-    r.chain(&[
+    r.q.chain(&[
         (DATA_AT, u32::MAX, false),
         (DATA_AT, u32::MAX, false),
         (DATA_AT + 0x100, 1, true),
     ]);
     // Indirect table pointing outside memory.
-    let ind = r.next_desc;
-    r.desc(1 << 41, 64, F_INDIRECT, 0);
-    r.publish(ind);
+    let ind = r.q.next_index();
+    r.q.desc(1 << 41, 64, F_INDIRECT, 0);
+    r.q.publish(ind);
     let n = r.dev.process_queue();
     assert_eq!(n, 8, "every chain is completed");
-    assert_eq!(r.used_idx(), 8);
+    assert_eq!(r.q.used_idx(), 8);
     assert_eq!(r.status_at(DATA_AT + 0x300), S_IOERR);
 }
 
 #[test]
 fn avail_index_far_ahead_is_refused_without_looping() {
     let mut r = rig();
-    r.mem.write_obj(5000u16, GuestAddress(r.avail + 2)).unwrap();
+    r.mem
+        .write_obj(5000u16, GuestAddress(r.q.avail + 2))
+        .unwrap();
     assert_eq!(r.dev.process_queue(), 0);
 }
 
