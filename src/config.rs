@@ -135,6 +135,118 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     Ok(disk)
 }
 
+/// Where a NIC's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// A tap by name (attached, or created when Ember may).
+    Tap(String),
+    /// An open tap descriptor handed over by a manager.
+    Fd(i32),
+    /// A tap Ember creates and plugs into a network made by `ember net create`.
+    Network(String),
+}
+
+/// One `--net`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The backend.
+    pub backend: NetBackendConfig,
+    /// The MAC; derived from the VM name when None.
+    pub mac: Option<[u8; 6]>,
+    /// MTU the guest is told.
+    pub mtu: u16,
+}
+
+/// Parses a MAC like 52:54:00:12:34:56.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    (mac[0] & 1 == 0).then_some(mac)
+}
+
+/// Parses `--net tap=NAME|fd=N|network=NAME[,mac=52:54:00:xx:xx:xx][,mtu=N]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
+    let err = |m: String| ConfigError::new("--net", m);
+    let mut backend = None;
+    let mut mac = None;
+    let mut mtu = 1500u16;
+    for item in s.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| err(format!("'{item}' is not key=value")))?;
+        let set = |b: &mut Option<NetBackendConfig>, x: NetBackendConfig| {
+            if b.is_some() {
+                return Err(err("give one of tap=, fd= or network=".into()));
+            }
+            *b = Some(x);
+            Ok(())
+        };
+        match k {
+            "tap" | "ifname" => set(&mut backend, NetBackendConfig::Tap(v.into()))?,
+            "network" => set(&mut backend, NetBackendConfig::Network(v.into()))?,
+            "fd" => {
+                let fd = v.parse::<i32>().ok().filter(|fd| *fd > 2).ok_or_else(|| {
+                    err(format!("fd={v}: give an open descriptor number above 2"))
+                })?;
+                set(&mut backend, NetBackendConfig::Fd(fd))?
+            }
+            "mac" => {
+                mac = Some(parse_mac(v).ok_or_else(|| {
+                    err(format!(
+                        "mac={v}: give a unicast MAC like 52:54:00:12:34:56"
+                    ))
+                })?)
+            }
+            "mtu" => {
+                mtu = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|m| *m >= 68)
+                    .ok_or_else(|| err(format!("mtu={v}: give 68 to 65535")))?
+            }
+            other => {
+                return Err(err(format!(
+                    "unknown key '{other}'; use tap, fd, network, mac or mtu"
+                )))
+            }
+        }
+    }
+    let backend = backend.ok_or_else(|| err(format!("'{s}' names no tap=, fd= or network=")))?;
+    if let NetBackendConfig::Tap(n) | NetBackendConfig::Network(n) = &backend {
+        if n.is_empty() || n.len() > 15 || n.contains(['/', ' ']) {
+            return Err(err(format!(
+                "'{n}' is not an interface name (1 to 15 characters)"
+            )));
+        }
+    }
+    Ok(NetConfig { backend, mac, mtu })
+}
+
+/// Parses `--name`: what logs say and what default MACs derive from.
+pub fn parse_name(s: &str) -> Result<String, ConfigError> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ConfigError::new(
+            "--name",
+            format!("'{s}': use 1 to 64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// One VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -160,6 +272,10 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Root device added to the command line as `root=... rw` (e.g. /dev/vda).
     pub root: Option<String>,
+    /// NICs, in guest order (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
+    /// The VM's name.
+    pub name: String,
 }
 
 /// Parses a size: a number with an optional K/M/G/T suffix (binary units, optional `iB`/`B`);
@@ -288,10 +404,13 @@ impl VmConfig {
         for d in &self.disks {
             check_readable_file("--disk", &d.path)?;
         }
-        if self.disks.len() > MAX_DISKS {
+        if self.disks.len() + self.nets.len() > MAX_DISKS {
             return Err(ConfigError::new(
                 "--disk",
-                format!("{} disks given; at most {MAX_DISKS}", self.disks.len()),
+                format!(
+                    "{} disks and NICs given; at most {MAX_DISKS} virtio devices",
+                    self.disks.len() + self.nets.len()
+                ),
             ));
         }
         boot::loader::check_cmdline(&self.cmdline, boot::layout::CMDLINE_MAX_SIZE - 1)
@@ -398,6 +517,39 @@ mod tests {
             let e = parse_disk(bad).unwrap_err();
             assert_eq!(e.option, "--disk", "{bad}");
         }
+    }
+
+    #[test]
+    fn nets_parse_backends_mac_and_mtu() {
+        let n = parse_net("tap=tap0,mac=52:54:00:ab:cd:ef,mtu=9000").unwrap();
+        assert_eq!(n.backend, NetBackendConfig::Tap("tap0".into()));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert_eq!(n.mtu, 9000);
+        assert_eq!(parse_net("fd=5").unwrap().backend, NetBackendConfig::Fd(5));
+        assert_eq!(
+            parse_net("network=default").unwrap().backend,
+            NetBackendConfig::Network("default".into())
+        );
+    }
+
+    #[test]
+    fn bad_nets_name_the_option() {
+        for bad in [
+            "tap=",
+            "tap=a,network=b",
+            "fd=1",
+            "fd=x",
+            "tap=t,mac=01:00:5e:00:00:01",
+            "tap=t,mac=zz:00:00:00:00:00",
+            "tap=t,mtu=10",
+            "tap=t,speed=fast",
+            "mac=52:54:00:00:00:01",
+            "tap=name-much-too-long",
+        ] {
+            assert_eq!(parse_net(bad).unwrap_err().option, "--net", "{bad}");
+        }
+        assert!(parse_name("web-1").is_ok());
+        assert_eq!(parse_name("a b").unwrap_err().option, "--name");
     }
 
     #[test]

@@ -14,6 +14,9 @@ use devices::legacy::{
 use devices::virtio::block::handler::BlockHandler;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use devices::virtio::net::handler::NetHandler;
+use devices::virtio::net::tap::{self, Tap, TapError};
+use devices::virtio::net::{mac_for, Net};
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices::{ExitSink, Interrupt};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -22,7 +25,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, NetBackendConfig, NetConfig};
 use crate::console::{Console, ConsoleError, ConsoleInput};
 use crate::run_state::RunState;
 use crate::vcpu::Buses;
@@ -71,6 +74,26 @@ pub enum DeviceError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A tap cannot be used.
+    #[error("--net")]
+    Tap(#[from] TapError),
+    /// A network named by --net network= is unusable.
+    #[error("--net network={name}: {message}")]
+    Network {
+        /// The network.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Setting up a tap failed.
+    #[error("--net: cannot set up tap '{name}'")]
+    TapSetup {
+        /// The tap.
+        name: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// More MMIO devices than free IRQs.
     #[error("too many devices: no IRQ left for another virtio-mmio device")]
     NoIrq,
@@ -85,6 +108,49 @@ pub struct DeviceManager {
     mmio_devices: u64,
     /// `virtio_mmio.device=` entries for the kernel command line.
     cmdline: Vec<String>,
+}
+
+/// Opens the tap behind a --net: by name (created and brought up if it did not exist), a
+/// handed-over descriptor, or a new tap plugged into a network's bridge.
+fn open_tap(backend: &NetBackendConfig, index: usize) -> Result<Tap, DeviceError> {
+    fn setup(name: &str) -> impl FnOnce(std::io::Error) -> DeviceError + '_ {
+        move |source| DeviceError::TapSetup {
+            name: name.to_string(),
+            source,
+        }
+    }
+    match backend {
+        NetBackendConfig::Fd(fd) => Ok(Tap::from_fd(*fd)?),
+        NetBackendConfig::Tap(name) => {
+            let existed = tap::interface_exists(name);
+            let t = Tap::open(name)?;
+            if !existed {
+                tap::set_interface_up(name).map_err(setup(name))?;
+            }
+            Ok(t)
+        }
+        NetBackendConfig::Network(net) => {
+            let network = crate::net::load(net).map_err(|e| DeviceError::Network {
+                name: net.clone(),
+                message: e.to_string(),
+            })?;
+            if !tap::interface_exists(network.bridge()) {
+                return Err(DeviceError::Network {
+                    name: net.clone(),
+                    message: format!(
+                        "its bridge '{}' is gone; recreate the network",
+                        network.bridge()
+                    ),
+                });
+            }
+            // A tap of our own, gone when ember exits.
+            let name = format!("em{}n{index}", std::process::id());
+            let t = Tap::open(&name)?;
+            tap::add_to_bridge(network.bridge(), &name).map_err(setup(&name))?;
+            tap::set_interface_up(&name).map_err(setup(&name))?;
+            Ok(t)
+        }
+    }
 }
 
 fn irqfd(vm: &VmFd, irq: u32) -> Result<EventFd, DeviceError> {
@@ -183,19 +249,44 @@ impl DeviceManager {
             cfg.read_only,
             cfg.serial.clone(),
         )));
-        let queue_evt = self.attach_virtio_mmio(vm, mem, block.clone())?;
+        let queue_evt = self
+            .attach_virtio_mmio(vm, mem, block.clone())?
+            .pop()
+            .ok_or(DeviceError::NoIrq)?;
         events.add_subscriber(Arc::new(Mutex::new(BlockHandler::new(block, queue_evt))));
         Ok(())
     }
 
+    /// A virtio-net device for `cfg` (NIC number `index` of VM `vm_name`).
+    pub fn attach_net(
+        &mut self,
+        vm: &VmFd,
+        events: &mut EventLoop,
+        mem: &GuestMemoryMmap,
+        cfg: &NetConfig,
+        index: usize,
+        vm_name: &str,
+    ) -> Result<(), DeviceError> {
+        let tap = open_tap(&cfg.backend, index)?;
+        let mac = cfg.mac.unwrap_or_else(|| mac_for(vm_name, index));
+        log::debug!("NIC {index}: tap {} mac {mac:02x?}", tap.name());
+        let net = Arc::new(Mutex::new(Net::new(tap, mac, cfg.mtu)));
+        let mut evts = self.attach_virtio_mmio(vm, mem, net.clone())?;
+        let tx = evts.pop().ok_or(DeviceError::NoIrq)?;
+        let rx = evts.pop().ok_or(DeviceError::NoIrq)?;
+        let handler = NetHandler::new(net, rx, tx).map_err(DeviceError::EventFd)?;
+        events.add_subscriber(Arc::new(Mutex::new(handler)));
+        Ok(())
+    }
+
     /// Places a virtio device on the MMIO bus: window, IRQ (irqfd), queue ioeventfd,
-    /// command-line entry. Returns the eventfd of its first queue.
+    /// command-line entry. Returns the eventfds of its queues, in queue order.
     fn attach_virtio_mmio(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         device: Arc<Mutex<dyn VirtioDevice>>,
-    ) -> Result<EventFd, DeviceError> {
+    ) -> Result<Vec<EventFd>, DeviceError> {
         let index = self.mmio_devices;
         let irq = MMIO_FIRST_IRQ + index as u32;
         if irq > MAX_IRQ {
@@ -213,12 +304,11 @@ impl DeviceManager {
                 .map_err(|source| DeviceError::Ioeventfd { addr, source })?;
             evts.push(evt);
         }
-        let first = evts
-            .first()
-            .map(|e| e.try_clone())
-            .transpose()
-            .map_err(DeviceError::EventFd)?
-            .ok_or(DeviceError::NoIrq)?;
+        let ours = evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(DeviceError::EventFd)?;
         let transport = MmioTransport::new(device, interrupt, mem.clone(), evts);
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), base, MMIO_DEVICE_SIZE)?;
@@ -227,7 +317,7 @@ impl DeviceManager {
             MMIO_DEVICE_SIZE >> 10
         ));
         self.mmio_devices += 1;
-        Ok(first)
+        Ok(ours)
     }
 
     /// Kernel command-line entries for the attached devices.

@@ -10,6 +10,7 @@ pub mod device_manager;
 pub mod host;
 pub mod img;
 pub mod memory;
+pub mod net;
 pub mod run_state;
 pub mod signals;
 pub mod vcpu;

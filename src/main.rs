@@ -27,6 +27,8 @@ enum Command {
     Run(RunArgs),
     /// Create, inspect, convert and check disk images (like qemu-img)
     Img(ember::img::ImgArgs),
+    /// Create, list and destroy host networks: bridges, NAT, DHCP (like virsh net-*)
+    Net(ember::net::NetArgs),
 }
 
 #[derive(Args)]
@@ -60,6 +62,13 @@ struct RunArgs {
     /// repeatable: vda, vdb, ... [qemu: -drive if=virtio]
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// NIC: tap=NAME|fd=N|network=NAME[,mac=52:54:00:xx:xx:xx][,mtu=N]; repeatable: eth0, eth1,
+    /// ... [qemu: -netdev tap,ifname=NAME -device virtio-net]
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
+    /// VM name (default MACs derive from it) [qemu: -name]
+    #[arg(long, value_name = "NAME", default_value = "ember")]
+    name: String,
     /// Root device, added to the command line as root=DEVICE rw (e.g. /dev/vda)
     #[arg(long, value_name = "DEVICE")]
     root: Option<String>,
@@ -100,6 +109,12 @@ impl RunArgs {
                 .map(|d| config::parse_disk(d))
                 .collect::<Result<_, _>>()?,
             root: self.root,
+            nets: self
+                .net
+                .iter()
+                .map(|n| config::parse_net(n))
+                .collect::<Result<_, _>>()?,
+            name: config::parse_name(&self.name)?,
         })
     }
 }
@@ -218,5 +233,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Img(args) => ember::img::run(args),
+        Command::Net(args) => ember::net::run_command(args),
     }
 }

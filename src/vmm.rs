@@ -80,7 +80,12 @@ impl VmmError {
     pub fn is_user_error(&self) -> bool {
         match self {
             VmmError::TooManyCpus { .. } | VmmError::Open { .. } | VmmError::Cpuid(_) => true,
-            VmmError::Device(DeviceError::Disk { .. } | DeviceError::NoIrq) => true,
+            VmmError::Device(
+                DeviceError::Disk { .. }
+                | DeviceError::NoIrq
+                | DeviceError::Tap(_)
+                | DeviceError::Network { .. },
+            ) => true,
             VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
             _ => false,
         }
@@ -275,6 +280,9 @@ impl Vmm {
         devices.attach_serial(&vm, &mut events, console, state.clone())?;
         for disk in &cfg.disks {
             devices.attach_block(&vm, &mut events, &mem, disk)?;
+        }
+        for (i, net) in cfg.nets.iter().enumerate() {
+            devices.attach_net(&vm, &mut events, &mem, net, i, &cfg.name)?;
         }
         let device_cmdline = devices.cmdline();
         let buses = Arc::new(devices.into_buses());

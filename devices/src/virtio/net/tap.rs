@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 use super::NetBackend;
 
@@ -71,11 +72,11 @@ pub enum TapError {
     },
 }
 
+/// `struct ifreq`: a name and a 24-byte union (flags, index, ...).
 #[repr(C)]
 struct IfReq {
     name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
+    data: [u8; 24],
 }
 
 impl IfReq {
@@ -85,13 +86,28 @@ impl IfReq {
         }
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
+            data: [0; 24],
         };
         for (d, s) in req.name.iter_mut().zip(name.bytes()) {
             *d = s as libc::c_char;
         }
         Ok(req)
+    }
+
+    fn flags(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_flags(&mut self, flags: libc::c_short) {
+        self.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    }
+
+    fn index(&self) -> libc::c_int {
+        libc::c_int::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+
+    fn set_index(&mut self, index: libc::c_int) {
+        self.data[..4].copy_from_slice(&index.to_ne_bytes());
     }
 
     fn name(&self) -> String {
@@ -137,7 +153,7 @@ impl Tap {
             .open("/dev/net/tun")
             .map_err(TapError::OpenTun)?;
         let mut req = IfReq::new(name)?;
-        req.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        req.set_flags(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
         ioctl_ptr(file.as_raw_fd(), TUNSETIFF, &mut req).map_err(|source| TapError::Attach {
             name: name.into(),
             source,
@@ -149,7 +165,7 @@ impl Tap {
     pub fn from_fd(fd: RawFd) -> Result<Self, TapError> {
         let mut req = IfReq::new("x")?;
         ioctl_ptr(fd, TUNGETIFF, &mut req).map_err(|source| TapError::BadFd { fd, source })?;
-        if req.flags & IFF_TAP == 0 || req.flags & IFF_VNET_HDR == 0 {
+        if req.flags() & IFF_TAP == 0 || req.flags() & IFF_VNET_HDR == 0 {
             return Err(TapError::BadFd {
                 fd,
                 source: io::Error::from_raw_os_error(libc::EINVAL),
@@ -208,18 +224,51 @@ impl NetBackend for Tap {
     }
 }
 
-/// Whether interface `name` is administratively up (IFF_UP), from SIOCGIFFLAGS.
-pub fn interface_up(name: &str) -> io::Result<bool> {
-    // SAFETY: a plain datagram socket, closed below.
+fn control_socket() -> io::Result<File> {
+    // SAFETY: a plain datagram socket for interface ioctls; owned by the File.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: sock is a descriptor we own.
-    let sock = unsafe { File::from_raw_fd(sock) };
-    let mut req = IfReq::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: sock is a fresh descriptor we own.
+    Ok(unsafe { File::from_raw_fd(sock) })
+}
+
+fn ifreq(name: &str) -> io::Result<IfReq> {
+    IfReq::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Whether interface `name` is administratively up (IFF_UP), from SIOCGIFFLAGS.
+pub fn interface_up(name: &str) -> io::Result<bool> {
+    let sock = control_socket()?;
+    let mut req = ifreq(name)?;
     ioctl_ptr(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)?;
-    Ok(req.flags & libc::IFF_UP as libc::c_short != 0)
+    Ok(req.flags() & libc::IFF_UP as libc::c_short != 0)
+}
+
+/// Brings interface `name` up (as `ip link set NAME up`).
+pub fn set_interface_up(name: &str) -> io::Result<()> {
+    let sock = control_socket()?;
+    let mut req = ifreq(name)?;
+    ioctl_ptr(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)?;
+    req.set_flags(req.flags() | libc::IFF_UP as libc::c_short);
+    ioctl_ptr(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req)
+}
+
+/// Whether an interface called `name` exists.
+pub fn interface_exists(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Makes interface `port` a port of bridge `bridge` (as `ip link set PORT master BRIDGE`).
+pub fn add_to_bridge(bridge: &str, port: &str) -> io::Result<()> {
+    const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+    let sock = control_socket()?;
+    let mut req = ifreq(port)?;
+    ioctl_ptr(sock.as_raw_fd(), libc::SIOCGIFINDEX, &mut req)?;
+    let mut breq = ifreq(bridge)?;
+    breq.set_index(req.index());
+    ioctl_ptr(sock.as_raw_fd(), SIOCBRADDIF, &mut breq)
 }
 
 #[cfg(test)]
