@@ -239,6 +239,7 @@ impl DeviceManager {
             format: cfg.format,
             read_only: cfg.read_only,
             cache: cfg.cache,
+            force_share: false,
         };
         let image = disk::open_image(&cfg.path, &opts).map_err(|source| DeviceError::Disk {
             path: cfg.path.display().to_string(),

@@ -185,3 +185,120 @@ fn memory_too_small_for_kernel_and_initrd_is_refused() {
     );
     assert!(line.contains("16 MiB"), "{line}");
 }
+
+/// Runs `ember img ARGS...`.
+fn ember_img(args: &[&str]) -> Run {
+    let mut cmd = ember();
+    cmd.arg("img").args(args);
+    run(cmd, LIMIT)
+}
+
+#[test]
+fn an_image_in_use_is_refused_by_ember_and_qemu_img_alike() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_file(&dir);
+    let path = |n: &str| dir.path().join(n).display().to_string();
+    let (base, a, b) = (path("base.qcow2"), path("a.qcow2"), path("b.qcow2"));
+    assert_eq!(
+        ember_img(&["create", "-f", "qcow2", &base, "8M"]).code(),
+        Some(0)
+    );
+    for o in [&a, &b] {
+        let r = ember_img(&["create", "-f", "qcow2", "-b", &base, "-F", "qcow2", o]);
+        assert_eq!(r.code(), Some(0), "{r:?}");
+    }
+    // A VM that stays up with overlay a (over the base) as its disk.
+    let mut holder = ember()
+        .args(["run", "--kernel", &k, "--memory", "16M", "--serial", "none"])
+        .args(["--cmdline", "halt", "--disk"])
+        .arg(format!("path={a}"))
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while ember_img(&["info", &a]).code() == Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ember never locked {a}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A second VM on the same overlay: one line, status 2.
+    let line = usage_error(
+        &[
+            "--kernel",
+            &k,
+            "--memory",
+            "16M",
+            "--disk",
+            &format!("path={a}"),
+        ],
+        "is in use",
+    );
+    assert!(line.contains(&a), "{line}");
+    // The readers: refused without -U, fine with it; qemu-img sees our locks too.
+    let r = ember_img(&["check", &a]);
+    assert_eq!(r.code(), Some(2), "{r:?}");
+    assert_eq!(ember_img(&["info", "-U", &a]).code(), Some(0));
+    assert_eq!(ember_img(&["check", "-U", &a]).code(), Some(0));
+    let q = std::process::Command::new("qemu-img")
+        .args(["info", &a])
+        .output()
+        .expect("qemu-img is needed for this test");
+    assert!(
+        !q.status.success(),
+        "qemu-img opened an image ember is writing"
+    );
+    assert!(String::from_utf8_lossy(&q.stderr).contains("lock"));
+    // The shared base can be read by another VM (through overlay b) but not written.
+    let r = {
+        let mut cmd = ember();
+        cmd.args(["run", "--kernel", &k, "--memory", "16M", "--serial", "none"])
+            .args(["--cmdline", "exit=0", "--disk"])
+            .arg(format!("path={b}"));
+        run(cmd, LIMIT)
+    };
+    assert_eq!(r.code(), Some(1), "{r:?}");
+    usage_error(
+        &[
+            "--kernel",
+            &k,
+            "--memory",
+            "16M",
+            "--disk",
+            &format!("path={base}"),
+        ],
+        "\"write\" lock",
+    );
+    signal(&holder, libc::SIGTERM);
+    wait_deadline(&mut holder, LIMIT).unwrap();
+    // Now free: qemu-io writing it excludes ember in turn.
+    let mut qemu = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", &a])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io is needed for this test");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while ember_img(&["info", &a]).code() == Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-io never locked {a}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    usage_error(
+        &[
+            "--kernel",
+            &k,
+            "--memory",
+            "16M",
+            "--disk",
+            &format!("path={a}"),
+        ],
+        "is in use",
+    );
+    drop(qemu.stdin.take());
+    qemu.wait().unwrap();
+    assert_eq!(ember_img(&["check", &a]).code(), Some(0));
+}

@@ -101,7 +101,13 @@ pub fn run(args: BenchArgs) -> ImgResult {
     if bufsize == 0 || args.depth == 0 || args.count == 0 {
         return Err(ImgError::Usage("-s, -d and -c must be positive".into()));
     }
-    let first = open(&args.filename, args.format.as_deref(), !args.write, cache)?;
+    let first = open(
+        &args.filename,
+        args.format.as_deref(),
+        !args.write,
+        cache,
+        false,
+    )?;
     let size = first.size();
     let format = first.format();
     let offsets = Arc::new(Offsets {
@@ -133,6 +139,8 @@ pub fn run(args: BenchArgs) -> ImgResult {
                         format: Some(ImageFormat::Raw),
                         read_only: !args.write,
                         cache,
+                        // The first handle holds the image's locks for all of them.
+                        force_share: true,
                     },
                 )
                 .map_err(ImgError::disk("cannot open the image"))?,

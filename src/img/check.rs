@@ -25,6 +25,9 @@ pub struct CheckArgs {
     /// Print only errors
     #[arg(short = 'q')]
     quiet: bool,
+    /// Open even when another process uses the image (no locks; the data may be changing)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image
     filename: PathBuf,
 }
@@ -58,7 +61,7 @@ pub fn run(args: CheckArgs) -> ImgResult {
         eprintln!("ember: This image format does not support checks");
         return Ok(ExitCode::from(63));
     }
-    let mut img = open_qcow2_layer(&args.filename, repair == Repair::None)?;
+    let mut img = open_qcow2_layer(&args.filename, repair == Repair::None, args.force_share)?;
     let r = img.check(repair).map_err(ImgError::disk(format!(
         "check of '{}' failed",
         args.filename.display()

@@ -35,7 +35,7 @@ pub fn run(args: CommitArgs) -> ImgResult {
             "-f: only qcow2 overlays can be committed".into(),
         ));
     }
-    let mut top = open_qcow2_layer(&args.filename, false)?;
+    let mut top = open_qcow2_layer(&args.filename, false, false)?;
     let Some(name) = top.header().backing_file.clone() else {
         return Err(ImgError::Usage(format!(
             "'{}' has no backing file to commit into",
@@ -54,6 +54,7 @@ pub fn run(args: CommitArgs) -> ImgResult {
             format: base_format,
             read_only: false,
             cache: CacheMode::Writeback,
+            force_share: false,
         },
     )
     .map_err(ImgError::disk(format!(
@@ -62,13 +63,16 @@ pub fn run(args: CommitArgs) -> ImgResult {
     )))?;
     let size = top.size();
     if base.size() < size {
-        grow(&base_path, base.format(), size)?;
+        let format = base.format();
+        drop(base); // its locks would stand in the way of growing it
+        grow(&base_path, format, size)?;
         base = devices::disk::open_image(
             &base_path,
             &OpenOptions {
-                format: Some(base.format()),
+                format: Some(format),
                 read_only: false,
                 cache: CacheMode::Writeback,
+                force_share: false,
             },
         )
         .map_err(ImgError::disk("cannot reopen the backing file"))?;
@@ -115,7 +119,7 @@ fn grow(path: &std::path::Path, format: ImageFormat, size: u64) -> Result<(), Im
             .open(path)
             .and_then(|f| f.set_len(size))
             .map_err(ImgError::io("cannot grow the backing file")),
-        ImageFormat::Qcow2 => open_qcow2_layer(path, false)?
+        ImageFormat::Qcow2 => open_qcow2_layer(path, false, false)?
             .resize(size)
             .map_err(ImgError::disk("cannot grow the backing file")),
     }

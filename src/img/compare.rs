@@ -22,6 +22,9 @@ pub struct CompareArgs {
     /// Print nothing; only the exit status tells
     #[arg(short = 'q')]
     quiet: bool,
+    /// Open even when another process uses the image (no locks; the data may be changing)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// First image
     a: PathBuf,
     /// Second image
@@ -97,12 +100,14 @@ fn compare(args: CompareArgs) -> ImgResult {
         args.format_a.as_deref(),
         true,
         CacheMode::Writeback,
+        args.force_share,
     )?;
     let mut b = open(
         &args.b,
         args.format_b.as_deref(),
         true,
         CacheMode::Writeback,
+        args.force_share,
     )?;
     let (sa, sb) = (a.size(), b.size());
     let say = |m: String| {

@@ -42,6 +42,9 @@ pub struct ConvertArgs {
     /// Print nothing
     #[arg(short = 'q')]
     quiet: bool,
+    /// Read the source even when another process uses the image (no locks; the data may be changing)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Source image
     source: PathBuf,
     /// Target image
@@ -92,7 +95,13 @@ pub fn run(args: ConvertArgs) -> ImgResult {
     let dst_cache = parse_cache("-t", &args.cache)?;
     let sparse =
         parse_size(&args.sparse_size).map_err(|e| ImgError::Usage(format!("-S: {e}")))? as usize;
-    let mut src = open(&args.source, args.format.as_deref(), true, src_cache)?;
+    let mut src = open(
+        &args.source,
+        args.format.as_deref(),
+        true,
+        src_cache,
+        args.force_share,
+    )?;
     let size = src.size();
     if !args.no_create {
         let mut plan = create::plan(&args.options, out_format)?;
@@ -103,6 +112,7 @@ pub fn run(args: ConvertArgs) -> ImgResult {
         format: Some(out_format),
         read_only: false,
         cache: dst_cache,
+        force_share: false,
     };
     let open_err = ImgError::disk(format!("cannot open '{}'", args.target.display()));
     let mut dst = if args.compress {

@@ -188,6 +188,8 @@ fn backing_size_and_format(args: &CreateArgs, p: &mut Plan) -> Result<u64, ImgEr
         p.qcow2.backing_format.as_deref(),
         true,
         CacheMode::Writeback,
+        // Only its size is read; a base in use by running VMs is the usual case.
+        true,
     )
     .map_err(|e| match e {
         ImgError::Usage(m) => ImgError::Usage(format!("-b {name}: {m}")),

@@ -24,7 +24,7 @@ pub struct InfoArgs {
     /// Show every image of the backing chain
     #[arg(long = "backing-chain")]
     backing_chain: bool,
-    /// Open even when another process uses the image (accepted; Ember takes no locks)
+    /// Open even when another process uses the image (no locks; the data may be changing)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image
@@ -54,7 +54,7 @@ struct Qcow2Info {
     snapshots: Vec<devices::disk::qcow2::snapshot::Snapshot>,
 }
 
-fn gather(path: &Path, format: Option<ImageFormat>) -> Result<Info, ImgError> {
+fn gather(path: &Path, format: Option<ImageFormat>, force_share: bool) -> Result<Info, ImgError> {
     let meta = std::fs::metadata(path)
         .map_err(|_| ImgError::Usage(format!("'{}': no such file", path.display())))?;
     let format = match format {
@@ -71,7 +71,7 @@ fn gather(path: &Path, format: Option<ImageFormat>) -> Result<Info, ImgError> {
         qcow2: None,
     };
     if format == ImageFormat::Qcow2 {
-        let mut img = open_qcow2_layer(path, true)?;
+        let mut img = open_qcow2_layer(path, true, force_share)?;
         let h = img.header().clone();
         info.virtual_size = h.size;
         info.qcow2 = Some(Qcow2Info {
@@ -241,7 +241,6 @@ fn to_json(info: &Info) -> Value {
 }
 
 pub fn run(args: InfoArgs) -> ImgResult {
-    let _ = args.force_share;
     let json = match args.output.as_str() {
         "human" => false,
         "json" => true,
@@ -255,7 +254,7 @@ pub fn run(args: InfoArgs) -> ImgResult {
     let mut chain = Vec::new();
     let mut path = args.filename.clone();
     loop {
-        let info = gather(&path, format)?;
+        let info = gather(&path, format, args.force_share)?;
         let next = info.qcow2.as_ref().and_then(|q| {
             q.backing_file.as_ref().map(|b| {
                 let f = q.backing_format.as_deref().and_then(ImageFormat::from_name);

@@ -17,17 +17,20 @@ pub struct MapArgs {
     /// Output format: human or json
     #[arg(long = "output", value_name = "FMT", default_value = "human")]
     output: String,
+    /// Open even when another process uses the image (no locks; the data may be changing)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image
     filename: PathBuf,
 }
 
 /// File names of the chain, top first.
-fn chain_names(top: &Path, top_is_qcow2: bool) -> Vec<PathBuf> {
+fn chain_names(top: &Path, top_is_qcow2: bool, force_share: bool) -> Vec<PathBuf> {
     let mut names = vec![top.to_path_buf()];
     let mut cur = top.to_path_buf();
     let mut qcow2 = top_is_qcow2;
     while qcow2 && names.len() <= devices::disk::MAX_CHAIN_DEPTH {
-        let Ok(img) = open_qcow2_layer(&cur, true) else {
+        let Ok(img) = open_qcow2_layer(&cur, true, force_share) else {
             break;
         };
         let Some(b) = img.header().backing_file.clone() else {
@@ -66,8 +69,13 @@ pub fn run(args: MapArgs) -> ImgResult {
         args.format.as_deref(),
         true,
         CacheMode::Writeback,
+        args.force_share,
     )?;
-    let names = chain_names(&args.filename, img.format() == ImageFormat::Qcow2);
+    let names = chain_names(
+        &args.filename,
+        img.format() == ImageFormat::Qcow2,
+        args.force_share,
+    );
     let size = img.size();
     let mut runs: Vec<(u64, Extent)> = Vec::new();
     let mut pos = 0;

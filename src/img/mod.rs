@@ -66,6 +66,7 @@ impl ImgError {
             ImgError::Disk { source, .. } => matches!(
                 source,
                 DiskError::Open { .. }
+                    | DiskError::Locked { .. }
                     | DiskError::Chain { .. }
                     | DiskError::Qcow2(disk::QcowError::NotQcow2)
             ),
@@ -220,6 +221,7 @@ fn open(
     format: Option<&str>,
     read_only: bool,
     cache: CacheMode,
+    force_share: bool,
 ) -> Result<Box<dyn DiskImage>, ImgError> {
     let format = format.map(|f| parse_format("-f", f)).transpose()?;
     if !path.exists() {
@@ -234,15 +236,20 @@ fn open(
             format,
             read_only,
             cache,
+            force_share,
         },
     )
     .map_err(ImgError::disk(format!("cannot open '{}'", path.display())))
 }
 
 /// Opens only the qcow2 layer at `path` (no backing chain), for metadata-level tools.
-fn open_qcow2_layer(path: &Path, read_only: bool) -> Result<disk::Qcow2Image, ImgError> {
-    let file = disk::HostFile::open(path, read_only, CacheMode::Writeback)
-        .map_err(ImgError::io(format!("cannot open '{}'", path.display())))?;
+fn open_qcow2_layer(
+    path: &Path,
+    read_only: bool,
+    force_share: bool,
+) -> Result<disk::Qcow2Image, ImgError> {
+    let file = disk::open_locked(path, read_only, CacheMode::Writeback, force_share)
+        .map_err(ImgError::disk(format!("cannot open '{}'", path.display())))?;
     disk::Qcow2Image::from_file(file, path, read_only)
         .map_err(ImgError::disk(format!("cannot open '{}'", path.display())))
 }

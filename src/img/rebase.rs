@@ -48,12 +48,17 @@ pub fn run(args: RebaseArgs) -> ImgResult {
     let mut new_backing = match &new_name {
         Some(n) => {
             let path = resolve_backing(&args.filename, n);
-            let img = open(&path, new_format.as_deref(), true, CacheMode::Writeback).map_err(
-                |e| match e {
-                    ImgError::Usage(m) => ImgError::Usage(format!("-b {n}: {m}")),
-                    other => other,
-                },
-            )?;
+            let img = open(
+                &path,
+                new_format.as_deref(),
+                true,
+                CacheMode::Writeback,
+                false,
+            )
+            .map_err(|e| match e {
+                ImgError::Usage(m) => ImgError::Usage(format!("-b {n}: {m}")),
+                other => other,
+            })?;
             new_format.get_or_insert_with(|| img.format().name().to_string());
             Some(img)
         }
@@ -63,9 +68,10 @@ pub fn run(args: RebaseArgs) -> ImgResult {
         format: Some(devices::disk::ImageFormat::Qcow2),
         read_only: false,
         cache: CacheMode::Writeback,
+        force_share: false,
     };
     let mut top = if args.unsafe_mode {
-        super::open_qcow2_layer(&args.filename, false)?
+        super::open_qcow2_layer(&args.filename, false, false)?
     } else {
         Qcow2Image::open(&args.filename, &opts).map_err(ImgError::disk(format!(
             "cannot open '{}'",

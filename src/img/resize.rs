@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use devices::disk::{probe_format, CacheMode, HostFile, ImageFormat};
+use devices::disk::{probe_format, CacheMode, ImageFormat};
 
 use super::{open_qcow2_layer, parse_format, parse_size, ImgError, ImgResult};
 
@@ -57,9 +57,11 @@ pub fn run(args: ResizeArgs) -> ImgResult {
     };
     match format {
         ImageFormat::Raw => {
-            let f = HostFile::open(&args.filename, false, CacheMode::Writeback).map_err(
-                ImgError::io(format!("cannot open '{}'", args.filename.display())),
-            )?;
+            let f = devices::disk::open_locked(&args.filename, false, CacheMode::Writeback, false)
+                .map_err(ImgError::disk(format!(
+                    "cannot open '{}'",
+                    args.filename.display()
+                )))?;
             let current = f.len().map_err(ImgError::io("cannot read the size"))?;
             let size = new_size(current, &args.size)?;
             if size < current && !args.shrink {
@@ -70,7 +72,7 @@ pub fn run(args: ResizeArgs) -> ImgResult {
             f.set_len(size).map_err(ImgError::io("cannot resize"))?;
         }
         ImageFormat::Qcow2 => {
-            let mut img = open_qcow2_layer(&args.filename, false)?;
+            let mut img = open_qcow2_layer(&args.filename, false, false)?;
             let current = img.header().size;
             let size = new_size(current, &args.size)?;
             if size < current && !args.shrink {

@@ -59,6 +59,44 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Lock bytes: qemu's layout, so the two see each other's images as in use.
+const LOCK_PERM_BASE: u64 = 100;
+const LOCK_SHARED_BASE: u64 = 200;
+const PERM_READ: u64 = 0;
+const PERM_WRITE: u64 = 1;
+const PERM_RESIZE: u64 = 3;
+
+/// The permission another process holds or refuses, so an image cannot be opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockConflict {
+    /// Reading a consistent image.
+    Read,
+    /// Writing.
+    Write,
+    /// Resizing.
+    Resize,
+}
+
+impl LockConflict {
+    fn for_perm(perm: u64) -> Self {
+        match perm {
+            PERM_READ => LockConflict::Read,
+            PERM_WRITE => LockConflict::Write,
+            _ => LockConflict::Resize,
+        }
+    }
+}
+
+impl std::fmt::Display for LockConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LockConflict::Read => "read",
+            LockConflict::Write => "write",
+            LockConflict::Resize => "resize",
+        })
+    }
+}
+
 /// An open image file.
 pub struct HostFile {
     file: File,
@@ -218,6 +256,79 @@ impl HostFile {
         }
     }
 
+    /// Takes the image locks for a reader (`write` false) or a writer, the way qemu does,
+    /// so Ember and qemu exclude each other: open file description (OFD) read locks on
+    /// one byte per permission held (100 read, 101 write, 103 resize) and per permission
+    /// refused to others (200 + the same); a reader refuses others write and resize, a writer
+    /// the same. Returns the conflict, if any, as the permission that cannot be had; the
+    /// locks go with the descriptor.
+    pub fn lock(&self, write: bool) -> io::Result<Result<(), LockConflict>> {
+        let held: &[u64] = if write {
+            &[PERM_READ, PERM_WRITE, PERM_RESIZE]
+        } else {
+            &[PERM_READ]
+        };
+        let refused = [PERM_WRITE, PERM_RESIZE];
+        for &b in held {
+            if !self.ofd_lock(LOCK_PERM_BASE + b)? {
+                return Ok(Err(LockConflict::for_perm(b)));
+            }
+        }
+        for &b in &refused {
+            if !self.ofd_lock(LOCK_SHARED_BASE + b)? {
+                return Ok(Err(LockConflict::for_perm(b)));
+            }
+        }
+        // Someone else refusing what we hold, or holding what we refuse.
+        for &b in held {
+            if self.ofd_locked_by_other(LOCK_SHARED_BASE + b)? {
+                return Ok(Err(LockConflict::for_perm(b)));
+            }
+        }
+        for &b in &refused {
+            if self.ofd_locked_by_other(LOCK_PERM_BASE + b)? {
+                return Ok(Err(LockConflict::for_perm(b)));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn flock_at(kind: libc::c_short, byte: u64) -> libc::flock {
+        // SAFETY: flock is plain old data; all-zero is a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = byte as libc::off_t;
+        fl.l_len = 1;
+        fl
+    }
+
+    /// A shared OFD lock on `byte`; false when another holder has it exclusively.
+    fn ofd_lock(&self, byte: u64) -> io::Result<bool> {
+        let fl = Self::flock_at(libc::F_RDLCK as libc::c_short, byte);
+        // SAFETY: fcntl(F_OFD_SETLK) on our own descriptor with a valid flock.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+            _ => Err(e),
+        }
+    }
+
+    /// Whether another open file description holds any lock on `byte`.
+    fn ofd_locked_by_other(&self, byte: u64) -> io::Result<bool> {
+        let mut fl = Self::flock_at(libc::F_WRLCK as libc::c_short, byte);
+        // SAFETY: fcntl(F_OFD_GETLK) on our own descriptor; it writes into `fl`.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    }
+
     /// Next data at or after `offset` (SEEK_DATA): None when only a hole follows.
     pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         self.seek_whence(offset, libc::SEEK_DATA)
@@ -246,6 +357,36 @@ impl HostFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writers_exclude_everyone_and_readers_share() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let open = |write: bool| {
+            let h = HostFile::open(f.path(), !write, CacheMode::Writeback).unwrap();
+            let got = h.lock(write).unwrap();
+            (h, got)
+        };
+        let (r1, ok) = open(false);
+        assert_eq!(ok, Ok(()));
+        let (_r2, ok) = open(false);
+        assert_eq!(ok, Ok(()), "two readers share");
+        assert_eq!(
+            open(true).1,
+            Err(LockConflict::Write),
+            "readers refuse writers"
+        );
+        drop((r1, _r2));
+        let (w, ok) = open(true);
+        assert_eq!(ok, Ok(()), "locks go with the descriptors");
+        assert_eq!(open(true).1, Err(LockConflict::Write));
+        assert_eq!(
+            open(false).1,
+            Err(LockConflict::Write),
+            "a writer refuses readers"
+        );
+        drop(w);
+        assert_eq!(open(true).1, Ok(()));
+    }
 
     #[test]
     fn reads_past_end_are_zeros() {

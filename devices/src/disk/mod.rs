@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use file::{CacheMode, HostFile};
+pub use file::{CacheMode, HostFile, LockConflict};
 pub use qcow2::{Qcow2Image, QcowError};
 pub use raw::RawImage;
 
@@ -85,6 +85,18 @@ pub enum DiskError {
         /// Cause.
         #[source]
         source: io::Error,
+    },
+    /// Another process (qemu or another Ember) uses the image in a way that excludes us.
+    #[error(
+        "'{path}' is in use: another process (a VM, qemu-img?) holds or refuses its \
+         \"{perm}\" lock; stop that process first (img info/check/map/compare/convert read \
+         it anyway with -U)"
+    )]
+    Locked {
+        /// The file.
+        path: PathBuf,
+        /// The permission in conflict.
+        perm: LockConflict,
     },
     /// A backing chain that loops or is too deep.
     #[error("backing chain of '{path}': {reason}")]
@@ -169,6 +181,30 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Host caching.
     pub cache: CacheMode,
+    /// Take no image locks (qemu-img's `-U`): for looking at an image another process uses.
+    pub force_share: bool,
+}
+
+/// Opens `path` as an image file and takes the reader or writer locks unless `force_share`.
+pub fn open_locked(
+    path: &Path,
+    read_only: bool,
+    cache: CacheMode,
+    force_share: bool,
+) -> Result<HostFile, DiskError> {
+    let file = HostFile::open(path, read_only, cache).map_err(|source| DiskError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !force_share {
+        file.lock(!read_only)
+            .map_err(DiskError::io("locking the image", 0))?
+            .map_err(|perm| DiskError::Locked {
+                path: path.to_path_buf(),
+                perm,
+            })?;
+    }
+    Ok(file)
 }
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -236,7 +272,8 @@ pub(crate) fn open_in_chain(
                     path.display()
                 );
             }
-            Box::new(RawImage::open(path, opts.read_only, opts.cache, probed)?)
+            let file = open_locked(path, opts.read_only, opts.cache, opts.force_share)?;
+            Box::new(RawImage::from_host_file(file, opts.read_only, probed)?)
         }
         ImageFormat::Qcow2 => Box::new(Qcow2Image::open_in_chain(path, opts, seen)?),
     })

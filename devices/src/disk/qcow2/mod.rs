@@ -97,11 +97,7 @@ impl Qcow2Image {
         opts: &OpenOptions,
         seen: &mut HashSet<PathBuf>,
     ) -> Result<Self, DiskError> {
-        let file =
-            HostFile::open(path, opts.read_only, opts.cache).map_err(|source| DiskError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let file = super::open_locked(path, opts.read_only, opts.cache, opts.force_share)?;
         let mut img = Self::from_file(file, path, opts.read_only)?;
         if let Some(name) = img.header.backing_file.clone() {
             let backing_path = resolve_backing(path, &name);
@@ -116,6 +112,7 @@ impl Qcow2Image {
                 format,
                 read_only: true,
                 cache: opts.cache,
+                force_share: opts.force_share,
             };
             let backing =
                 open_in_chain(&backing_path, &backing_opts, seen).map_err(|e| match e {

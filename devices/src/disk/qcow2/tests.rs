@@ -40,7 +40,7 @@ fn open_rw(path: &Path) -> Qcow2Image {
         &OpenOptions {
             format: Some(ImageFormat::Qcow2),
             read_only: false,
-            cache: CacheMode::Writeback,
+            ..Default::default()
         },
     )
     .unwrap()
