@@ -1,10 +1,7 @@
 //! Raw images: the file is the disk.
 
-use std::path::Path;
-
 use super::{
-    check_range, looks_like_image_header, CacheMode, DiskError, DiskImage, Extent, HostFile,
-    ImageFormat,
+    check_range, looks_like_image_header, DiskError, DiskImage, Extent, HostFile, ImageFormat,
 };
 
 /// A raw image file.
@@ -17,20 +14,6 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens `path`.
-    pub fn open(
-        path: &Path,
-        read_only: bool,
-        cache: CacheMode,
-        probed: bool,
-    ) -> Result<Self, DiskError> {
-        let file = HostFile::open(path, read_only, cache).map_err(|source| DiskError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_host_file(file, read_only, probed)
-    }
-
     /// Wraps an open file.
     pub fn from_host_file(
         file: HostFile,
