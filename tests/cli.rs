@@ -241,6 +241,15 @@ fn an_image_in_use_is_refused_by_ember_and_qemu_img_alike() {
     assert_eq!(r.code(), Some(2), "{r:?}");
     assert_eq!(ember_img(&["info", "-U", &a]).code(), Some(0));
     assert_eq!(ember_img(&["check", "-U", &a]).code(), Some(0));
+    let len = std::fs::metadata(&a).unwrap().len();
+    let r = ember_img(&["create", "-f", "raw", &a, "1M"]);
+    assert_eq!(r.code(), Some(2), "{r:?}");
+    assert!(r.stderr.contains("is in use"), "{r:?}");
+    assert_eq!(
+        std::fs::metadata(&a).unwrap().len(),
+        len,
+        "create truncated an image in use"
+    );
     let q = std::process::Command::new("qemu-img")
         .args(["info", &a])
         .output()

@@ -128,9 +128,28 @@ pub fn run(args: CreateArgs) -> ImgResult {
 /// Creates the image file `path` as planned.
 pub(super) fn make_image(path: &Path, format: ImageFormat, p: &Plan) -> Result<(), ImgError> {
     let size = p.qcow2.size;
-    let file = std::fs::File::create(path)
+    // Lock before truncating: an image a VM is using must not be emptied under it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
         .map_err(ImgError::io(format!("cannot create '{}'", path.display())))?;
     let host = HostFile::from_file(file);
+    host.lock(true)
+        .map_err(ImgError::io(format!("cannot lock '{}'", path.display())))?
+        .map_err(|perm| ImgError::Disk {
+            context: format!("cannot create '{}'", path.display()),
+            source: devices::disk::DiskError::Locked {
+                path: path.to_path_buf(),
+                perm,
+            },
+        })?;
+    host.set_len(0).map_err(ImgError::io(format!(
+        "cannot truncate '{}'",
+        path.display()
+    )))?;
     match format {
         ImageFormat::Raw => {
             host.set_len(size)
