@@ -2,7 +2,7 @@
 """Network benchmark: the same guest (guest kit, static address) on the same tap in a
 network namespace created for the run, under ember and under qemu microvm (virtio-net-device,
 no vhost), alternating. For each: ping round trip guest -> host, TCP throughput guest ->
-host and host -> guest (16 MiB through busybox nc, timed on the host from the first byte to
+host and host -> guest (4 MiB through busybox nc, timed on the host from the first byte to
 the end). Prints a table. Needs root, /dev/kvm and the guest kit.
 
 usage: benches/net.sh [--runs N]
@@ -24,7 +24,7 @@ GUEST = os.path.join(REPO, "target", "guest")
 EMBER = os.path.join(REPO, "target", "release", "ember")
 NS = f"ember-bench-{os.getpid()}"
 HOST, GUEST_IP = "10.0.3.1", "10.0.3.2"
-BYTES = 16 << 20
+BYTES = 4 << 20
 
 
 def sh(*argv):
@@ -54,7 +54,7 @@ def serve(results):
             if t0 is None:
                 t0 = time.monotonic()
             n += len(b)
-        results["g2h"] = n / (time.monotonic() - t0) / (1 << 20)
+        results["g2h"] = n / (time.monotonic() - t0) / 1024
         c.close()
         s.close()
 
@@ -68,7 +68,7 @@ def serve(results):
         c.shutdown(socket.SHUT_WR)
         while c.recv(1 << 16):
             pass
-        results["h2g"] = BYTES / (time.monotonic() - t0) / (1 << 20)
+        results["h2g"] = BYTES / (time.monotonic() - t0) / 1024
         c.close()
         s.close()
 
@@ -127,13 +127,13 @@ def main():
                 r = run_guest(argv)
                 res[name].append(r)
                 print(f"run {i + 1} {name:13s} ping {r['ping']:.1f} ms, guest->host "
-                      f"{r['g2h']:.1f} MiB/s, host->guest {r['h2g']:.1f} MiB/s", file=sys.stderr)
+                      f"{r['g2h']:.1f} KiB/s, host->guest {r['h2g']:.1f} KiB/s", file=sys.stderr)
     finally:
         subprocess.run(["ip", "netns", "del", NS])
     med = lambda rs, k: statistics.median(r[k] for r in rs)
-    print(f"\nnet: guest kit on tap0 in a fresh namespace, 16 MiB TCP each way through busybox "
+    print(f"\nnet: guest kit on tap0 in a fresh namespace, 4 MiB TCP each way through busybox "
           f"nc, ping -c 20 guest->host, median of {args.runs} alternating runs")
-    print(f"{'VMM':14s} {'ping avg ms':>12s} {'guest->host MiB/s':>18s} {'host->guest MiB/s':>18s}")
+    print(f"{'VMM':14s} {'ping avg ms':>12s} {'guest->host KiB/s':>18s} {'host->guest KiB/s':>18s}")
     for name, rs in res.items():
         print(f"{name:14s} {med(rs, 'ping'):12.1f} {med(rs, 'g2h'):18.1f} {med(rs, 'h2g'):18.1f}")
 

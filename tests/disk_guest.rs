@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -15,35 +14,8 @@ use common::*;
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 const FLAGS: &str = "console=ttyS0 quiet tsc=reliable no_timer_check";
 
-fn tool(cmd: &str, args: &[&str]) -> std::process::Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} (this test needs it installed): {e}"))
-}
-
-fn ember_img(args: &[&str]) {
-    let out = ember().arg("img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ember img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_img_check_clean(path: &Path) {
-    let out = tool("qemu-img", &["check", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "qemu-img check {}: {}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn sha(path: &Path) -> Vec<u8> {
-    tool("sha256sum", &[path.to_str().unwrap()]).stdout
+    tool_ok("sha256sum", &[path.to_str().unwrap()]).stdout
 }
 
 fn boot(kit: &GuestKit, disks: &[String], run: &str) -> Run {
@@ -68,14 +40,14 @@ fn overlay_on_qcow2_base_keeps_guest_writes_and_the_base_intact() {
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
     let extra = dir.path().join("extra.raw");
-    ember_img(&[
+    ember_img_ok(&[
         "convert",
         "-O",
         "qcow2",
         kit.rootfs.to_str().unwrap(),
         base.to_str().unwrap(),
     ]);
-    ember_img(&[
+    ember_img_ok(&[
         "create",
         "-q",
         "-f",
@@ -86,7 +58,7 @@ fn overlay_on_qcow2_base_keeps_guest_writes_and_the_base_intact() {
         "qcow2",
         top.to_str().unwrap(),
     ]);
-    ember_img(&["create", "-q", "-f", "raw", extra.to_str().unwrap(), "8M"]);
+    ember_img_ok(&["create", "-q", "-f", "raw", extra.to_str().unwrap(), "8M"]);
     let base_before = sha(&base);
     let disks = [
         format!("path={}", top.display()),
@@ -114,7 +86,7 @@ fn overlay_on_qcow2_base_keeps_guest_writes_and_the_base_intact() {
         "{}",
         first.stdout
     );
-    qemu_img_check_clean(&top);
+    assert_qemu_img_clean(&top);
     assert_eq!(sha(&base), base_before, "the base image changed");
 
     let second = boot(&kit, &disks[..1], "disk-check");
@@ -123,7 +95,7 @@ fn overlay_on_qcow2_base_keeps_guest_writes_and_the_base_intact() {
         "{}",
         second.stdout
     );
-    qemu_img_check_clean(&top);
+    assert_qemu_img_clean(&top);
     assert_eq!(sha(&base), base_before);
 }
 
@@ -136,7 +108,7 @@ fn synced_writes_survive_kill_9_of_ember() {
     let base = dir.path().join("base.raw");
     std::fs::copy(&kit.rootfs, &base).unwrap();
     let top = dir.path().join("top.qcow2");
-    ember_img(&[
+    ember_img_ok(&[
         "create",
         "-q",
         "-f",
@@ -192,7 +164,7 @@ fn synced_writes_survive_kill_9_of_ember() {
     assert_eq!(sha(&base), base_before, "the base image changed");
     // Read the guest's file back out of the flattened image, without booting again.
     let flat = dir.path().join("flat.raw");
-    let out = tool(
+    tool_ok(
         "qemu-img",
         &[
             "convert",
@@ -202,8 +174,7 @@ fn synced_writes_survive_kill_9_of_ember() {
             flat.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success());
-    let cat = tool(
+    let cat = tool_ok(
         "debugfs",
         &["-R", "cat /data/hello.txt", flat.to_str().unwrap()],
     );
@@ -211,32 +182,15 @@ fn synced_writes_survive_kill_9_of_ember() {
         String::from_utf8_lossy(&cat.stdout).trim(),
         "ember-disk-test"
     );
-    let md5 = tool(
+    let md5 = tool_ok(
         "debugfs",
         &["-R", "cat /data/blob.md5", flat.to_str().unwrap()],
     );
-    let blob = tool("debugfs", &["-R", "cat /data/blob", flat.to_str().unwrap()]);
+    let blob = tool_ok("debugfs", &["-R", "cat /data/blob", flat.to_str().unwrap()]);
     let want = String::from_utf8_lossy(&md5.stdout);
     let digest = md5_hex(&blob.stdout);
     assert!(
         want.starts_with(&digest),
         "blob checksum {digest} vs {want}"
     );
-}
-
-/// The md5 of `data` as md5sum prints it (via the md5sum tool).
-fn md5_hex(data: &[u8]) -> String {
-    use std::io::Write;
-    let mut p = Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    p.stdin.take().unwrap().write_all(data).unwrap();
-    let out = p.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }

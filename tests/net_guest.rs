@@ -74,21 +74,6 @@ impl Drop for Netns {
     }
 }
 
-fn md5(data: &[u8]) -> String {
-    let mut p = Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    p.stdin.take().unwrap().write_all(data).unwrap();
-    let out = p.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 /// Starts ember in `ns`; its stdout lines arrive on the returned channel.
 fn start_guest(
     ns: &Netns,
@@ -163,7 +148,7 @@ fn tap_guest_pings_moves_data_both_ways_and_sees_link_changes() {
     let to_guest: Vec<u8> = (0..(3 << 20) + 12345)
         .map(|i: u32| (i * 7 + i / 251) as u8)
         .collect();
-    let to_guest_md5 = md5(&to_guest);
+    let to_guest_md5 = md5_hex(&to_guest);
     let sender = ns.thread(move || {
         let l = TcpListener::bind("10.0.2.1:5001").unwrap();
         let (mut s, _) = l.accept().unwrap();
@@ -196,7 +181,7 @@ fn tap_guest_pings_moves_data_both_ways_and_sees_link_changes() {
     let outgoing = expect(&rx, "EMBER-XFER out", &mut seen);
     let got = receiver.join().unwrap();
     assert_eq!(got.len().to_string(), field(&outgoing, "bytes="));
-    assert_eq!(md5(&got), field(&outgoing, "md5="), "guest -> host");
+    assert_eq!(md5_hex(&got), field(&outgoing, "md5="), "guest -> host");
     sender.join().unwrap();
     let watching = expect(&rx, "EMBER-LINK watching", &mut seen);
     assert!(watching.ends_with("carrier=1"), "{watching}");

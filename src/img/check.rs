@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 use devices::disk::qcow2::check::Repair;
-use devices::disk::{probe_format, ImageFormat};
+use devices::disk::ImageFormat;
 use serde_json::json;
 
-use super::{open_qcow2_layer, parse_format, ImgError, ImgResult};
+use super::{existing_format, open_qcow2_layer, ImgError, ImgResult};
 
 #[derive(Args)]
 pub struct CheckArgs {
@@ -44,19 +44,7 @@ pub fn run(args: CheckArgs) -> ImgResult {
         Some("all") => Repair::All,
         Some(o) => return Err(ImgError::Usage(format!("-r {o}: use leaks or all"))),
     };
-    if !args.filename.exists() {
-        return Err(ImgError::Usage(format!(
-            "'{}': no such file",
-            args.filename.display()
-        )));
-    }
-    let format = match &args.format {
-        Some(f) => parse_format("-f", f)?,
-        None => probe_format(&args.filename).map_err(ImgError::disk(format!(
-            "cannot open '{}'",
-            args.filename.display()
-        )))?,
-    };
+    let format = existing_format(&args.filename, args.format.as_deref())?;
     if format != ImageFormat::Qcow2 {
         eprintln!("ember: This image format does not support checks");
         return Ok(ExitCode::from(63));

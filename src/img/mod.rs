@@ -204,6 +204,21 @@ fn parse_format(option: &str, name: &str) -> Result<ImageFormat, ImgError> {
     })
 }
 
+/// The format of the existing image `path`: `-f` when given, else probed.
+fn existing_format(path: &Path, format: Option<&str>) -> Result<ImageFormat, ImgError> {
+    if !path.exists() {
+        return Err(ImgError::Usage(format!(
+            "'{}': no such file",
+            path.display()
+        )));
+    }
+    match format {
+        Some(f) => parse_format("-f", f),
+        None => disk::probe_format(path)
+            .map_err(ImgError::disk(format!("cannot open '{}'", path.display()))),
+    }
+}
+
 /// Parses `-t`/`-T` cache modes.
 fn parse_cache(option: &str, name: &str) -> Result<CacheMode, ImgError> {
     match name {

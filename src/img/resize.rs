@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use devices::disk::{probe_format, CacheMode, ImageFormat};
+use devices::disk::{CacheMode, ImageFormat};
 
-use super::{open_qcow2_layer, parse_format, parse_size, ImgError, ImgResult};
+use super::{existing_format, open_qcow2_layer, parse_size, ImgError, ImgResult};
 
 #[derive(Args)]
 pub struct ResizeArgs {
@@ -42,19 +42,7 @@ fn new_size(current: u64, spec: &str) -> Result<u64, ImgError> {
 }
 
 pub fn run(args: ResizeArgs) -> ImgResult {
-    if !args.filename.exists() {
-        return Err(ImgError::Usage(format!(
-            "'{}': no such file",
-            args.filename.display()
-        )));
-    }
-    let format = match &args.format {
-        Some(f) => parse_format("-f", f)?,
-        None => probe_format(&args.filename).map_err(ImgError::disk(format!(
-            "cannot open '{}'",
-            args.filename.display()
-        )))?,
-    };
+    let format = existing_format(&args.filename, args.format.as_deref())?;
     match format {
         ImageFormat::Raw => {
             let f = devices::disk::open_locked(&args.filename, false, CacheMode::Writeback, false)

@@ -144,3 +144,57 @@ pub fn signal(child: &Child, sig: i32) {
     let rc = unsafe { libc::kill(child.id() as i32, sig) };
     assert_eq!(rc, 0, "kill failed");
 }
+
+/// The md5 of `data` as md5sum prints it (via the md5sum tool).
+pub fn md5_hex(data: &[u8]) -> String {
+    let mut p = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(data).unwrap();
+    let out = p.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Runs a host tool the test needs (failing loudly when it is not installed).
+pub fn tool(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (this test needs it installed): {e}"))
+}
+
+/// Runs a host tool the test needs and asserts it succeeded.
+pub fn tool_ok(cmd: &str, args: &[&str]) -> std::process::Output {
+    let out = tool(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `ember img ARGS...`, asserted to succeed.
+pub fn ember_img_ok(args: &[&str]) -> std::process::Output {
+    let out = ember().arg("img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ember img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `qemu-img check` finds no errors and no leaks (exit status 0).
+pub fn assert_qemu_img_clean(path: &std::path::Path) {
+    let out = tool_ok("qemu-img", &["check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+}
