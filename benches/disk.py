@@ -21,9 +21,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.path.join(REPO, "target", "guest")
-EMBER = os.path.join(REPO, "target", "release", "ember")
+from peer import EMBER, GUEST, REPO, clearcpuid, qemu_microvm
 
 
 def sh(*argv, **kw):
@@ -99,24 +97,14 @@ def convert_table(workdir, runs):
 def guest_dd(workdir, runs):
     kernel = os.path.join(GUEST, "vmlinux")
     initrd = os.path.join(GUEST, "initramfs.cpio")
-    qemu = sh(os.path.join(REPO, "benches", "peers.sh")).stdout.strip()
-    share = os.path.join(os.path.dirname(os.path.dirname(qemu)), "share")
     disk = os.path.join(workdir, "vdb.raw")
     sh("qemu-img", "create", "-q", "-f", "raw", disk, "256M")
     base = "console=ttyS0 quiet tsc=reliable no_timer_check ember.run=dd-bench ember.end=poweroff"
-    probe = subprocess.run([EMBER, "run", "--kernel", kernel, "--memory", "16M", "--serial",
-                            "none", "--cmdline", "exit=0"], stderr=subprocess.PIPE, text=True)
-    m = re.search(r"so clearcpuid=(\S+) is added", probe.stderr)
-    qemu_cmdline = base + (f" clearcpuid={m.group(1)}" if m else "")
-    hidden = "-cx16,-xsave,-smap,-popcnt,-rdrand,-rdseed,-fsgsbase,-invpcid,-pcid,-umip,-pku," \
-             "-kvm-pv-ipi,-kvm-pv-unhalt,-kvm-pv-sched-yield,-arch-capabilities"
+    qemu_cmdline = base + clearcpuid(kernel)
     vmms = {
         "ember": [EMBER, "run", "--kernel", kernel, "--initrd", initrd, "--memory", "128M",
                   "--disk", f"path={disk},format=raw", "--cmdline", base],
-        "qemu microvm": [qemu, "-L", os.path.join(share, "qemu"), "-L",
-                         os.path.join(share, "seabios"), "-M", "microvm,rtc=on", "-enable-kvm",
-                         "-cpu", "host," + hidden, "-m", "128", "-nographic", "-nodefaults",
-                         "-no-reboot", "-serial", "stdio", "-kernel", kernel, "-initrd", initrd,
+        "qemu microvm": qemu_microvm(128, kernel, initrd) + [
                          "-drive", f"id=d0,file={disk},format=raw,if=none,cache=writeback",
                          "-device", "virtio-blk-device,drive=d0", "-append", qemu_cmdline],
     }

@@ -19,9 +19,8 @@ import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.path.join(REPO, "target", "guest")
-EMBER = os.path.join(REPO, "target", "release", "ember")
+from peer import EMBER, GUEST, REPO, clearcpuid, qemu_microvm
+
 NS = f"ember-bench-{os.getpid()}"
 HOST, GUEST_IP = "10.0.3.1", "10.0.3.2"
 BYTES = 4 << 20
@@ -97,27 +96,16 @@ def main():
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=REPO, check=True)
-    qemu = sh(os.path.join(REPO, "benches", "peers.sh")).strip()
-    share = os.path.join(os.path.dirname(os.path.dirname(qemu)), "share")
     kernel, initrd = os.path.join(GUEST, "vmlinux"), os.path.join(GUEST, "initramfs.cpio")
     cmdline = (f"console=ttyS0 quiet tsc=reliable no_timer_check ember.ip={GUEST_IP}/24 "
                f"ember.peer={HOST} ember.run=net-static,net-bench ember.end=poweroff")
-    probe = subprocess.run([EMBER, "run", "--kernel", kernel, "--memory", "16M", "--serial",
-                            "none", "--cmdline", "exit=0"], stderr=subprocess.PIPE, text=True)
-    m = re.search(r"so clearcpuid=(\S+) is added", probe.stderr)
-    qemu_cmdline = cmdline + (f" clearcpuid={m.group(1)}" if m else "")
-    hidden = "-cx16,-xsave,-smap,-popcnt,-rdrand,-rdseed,-fsgsbase,-invpcid,-pcid,-umip,-pku," \
-             "-kvm-pv-ipi,-kvm-pv-unhalt,-kvm-pv-sched-yield,-arch-capabilities"
+    qemu_cmdline = cmdline + clearcpuid(kernel)
     enter_netns()
     try:
         vmms = {
             "ember": [EMBER, "run", "--kernel", kernel, "--initrd", initrd, "--memory", "128M",
                       "--net", "tap=tap0", "--cmdline", cmdline],
-            "qemu microvm": [qemu, "-L", os.path.join(share, "qemu"), "-L",
-                             os.path.join(share, "seabios"), "-M", "microvm,rtc=on",
-                             "-enable-kvm", "-cpu", "host," + hidden, "-m", "128",
-                             "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
-                             "-kernel", kernel, "-initrd", initrd,
+            "qemu microvm": qemu_microvm(128, kernel, initrd) + [
                              "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off",
                              "-device", "virtio-net-device,netdev=n0", "-append", qemu_cmdline],
         }
