@@ -9,12 +9,11 @@
 3. Guest `dd` through virtio-blk (64 MiB write + fsync, read with the guest's page cache
    dropped) under ember vs qemu microvm, same guest.
 
-usage: benches/disk.sh [--skip-guest] [--runs N]
+usage: benches/disk.sh [--skip-guest | --guest-only] [--runs N]
 """
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -94,10 +93,28 @@ def convert_table(workdir, runs):
         print(f"{name:20s} {statistics.median(e):9.2f} {statistics.median(q):11.2f}")
 
 
+DD_MIB = 32
+
+
+def timed_markers(argv, prefix):
+    """Runs a guest to the end; returns {word: rest, (word, "t"): host time} for each serial
+    line `prefix word rest`, and all output lines."""
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    at, out = {}, []
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith(prefix):
+            word, _, rest = line[len(prefix):].strip().partition(" ")
+            at[word], at[word, "t"] = rest, time.monotonic()
+    p.wait(timeout=60)
+    return at, out
+
+
 def guest_dd(workdir, runs):
     kernel = os.path.join(GUEST, "vmlinux")
     initrd = os.path.join(GUEST, "initramfs.cpio")
-    disk = os.path.join(workdir, "vdb.raw")
+    disk = os.path.join(workdir, "dd.raw")
     sh("qemu-img", "create", "-q", "-f", "raw", disk, "256M")
     base = "console=ttyS0 quiet tsc=reliable no_timer_check ember.run=dd-bench ember.end=poweroff"
     qemu_cmdline = base + clearcpuid(kernel)
@@ -111,31 +128,32 @@ def guest_dd(workdir, runs):
     rates = {k: {"write": [], "read": []} for k in vmms}
     for _ in range(runs):
         for name, argv in vmms.items():
-            out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, timeout=1800).stdout
+            at, out = timed_markers(argv, "EMBER-DD ")
             for kind in ("write", "read"):
-                m = re.search(rf"EMBER-DD {kind} .*?([0-9.]+)([KMG])B/s", out)
-                if not m:
-                    sys.exit(f"{name}: no dd {kind} result:\n{out[-1500:]}")
-                scale = {"K": 1 / 1024, "M": 1, "G": 1024}[m.group(2)]
-                rates[name][kind].append(float(m.group(1)) * scale)
-    print(f"\n== guest dd through virtio-blk: 64 MiB, bs=1M, write+fsync then read with the "
-          f"guest page cache dropped, raw image, median of {runs} runs (busybox dd's MB/s)")
-    print(f"{'VMM':14s} {'write MB/s':>11s} {'read MB/s':>10s}")
+                if at.get(f"{kind}-end") != "0" or f"{kind}-start" not in at:
+                    sys.exit(f"{name}: no dd {kind} result:\n{''.join(out)[-1500:]}")
+                secs = at[f"{kind}-end", "t"] - at[f"{kind}-start", "t"]
+                rates[name][kind].append(DD_MIB / secs)
+    print(f"\n== guest dd through virtio-blk: {DD_MIB} MiB, bs=1M, write+fsync then read with "
+          f"the guest page cache dropped, raw image, timed on the host from the guest's "
+          f"markers, median of {runs} runs")
+    print(f"{'VMM':14s} {'write MiB/s':>12s} {'read MiB/s':>11s}")
     for name, r in rates.items():
-        print(f"{name:14s} {statistics.median(r['write']):11.1f} "
-              f"{statistics.median(r['read']):10.1f}")
+        print(f"{name:14s} {statistics.median(r['write']):12.2f} "
+              f"{statistics.median(r['read']):11.2f}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-guest", action="store_true")
+    ap.add_argument("--guest-only", action="store_true")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=REPO, check=True)
     with tempfile.TemporaryDirectory(dir=os.path.join(REPO, "target")) as d:
-        bench_table(d, args.runs)
-        convert_table(d, args.runs)
+        if not args.guest_only:
+            bench_table(d, args.runs)
+            convert_table(d, args.runs)
         if not args.skip_guest:
             guest_dd(d, max(1, args.runs // 2))
 
