@@ -47,17 +47,7 @@ fn overlay_on_qcow2_base_keeps_guest_writes_and_the_base_intact() {
         kit.rootfs.to_str().unwrap(),
         base.to_str().unwrap(),
     ]);
-    ember_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    ember_overlay(top.to_str().unwrap(), "base.qcow2", "qcow2");
     ember_img_ok(&["create", "-q", "-f", "raw", extra.to_str().unwrap(), "8M"]);
     let base_before = sha(&base);
     let disks = [
@@ -108,17 +98,7 @@ fn synced_writes_survive_kill_9_of_ember() {
     let base = dir.path().join("base.raw");
     std::fs::copy(&kit.rootfs, &base).unwrap();
     let top = dir.path().join("top.qcow2");
-    ember_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        top.to_str().unwrap(),
-    ]);
+    ember_overlay(top.to_str().unwrap(), "base.raw", "raw");
     let base_before = sha(&base);
     // The guest syncs, says so, and stays up: ember is then killed, not shut down.
     let mut child = ember()

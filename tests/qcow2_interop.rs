@@ -316,17 +316,7 @@ fn overlay_writes_over_qemu_base_pass_check_and_leave_the_base_alone() {
     qemu_io(&base, "qcow2", &["write -P 0x77 0 16M"]);
     let before = std::fs::read(&base).unwrap();
     let top = dir.path().join("top.qcow2");
-    ember_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    ember_overlay(s(&top), "base.qcow2", "qcow2");
     let model = random_engine_writes(open_rw(&top).as_mut(), 42, 150);
     assert_qemu_img_clean(&top);
     assert_eq!(std::fs::read(&base).unwrap(), before);
@@ -396,17 +386,7 @@ fn resize_rebase_and_commit_leave_consistent_images() {
     qemu_io(&p("b1.raw"), "raw", &["write -P 0x0a 0 4M"]);
     qemu_img(&["create", "-q", "-f", "raw", s(&p("b2.raw")), "4M"]);
     qemu_io(&p("b2.raw"), "raw", &["write -P 0x0b 1M 1M"]);
-    ember_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b1.raw",
-        "-F",
-        "raw",
-        s(&p("t.qcow2")),
-    ]);
+    ember_overlay(s(&p("t.qcow2")), "b1.raw", "raw");
     qemu_io(&p("t.qcow2"), "qcow2", &["write -P 0x0c 2M 64k"]);
     qemu_img(&[
         "convert",
@@ -443,17 +423,7 @@ fn resize_rebase_and_commit_leave_consistent_images() {
     // commit: the base gets the overlay's data, the overlay is emptied
     qemu_img(&["create", "-q", "-f", "qcow2", s(&p("cb.qcow2")), "4M"]);
     qemu_io(&p("cb.qcow2"), "qcow2", &["write -P 0x0d 0 4M"]);
-    ember_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "cb.qcow2",
-        "-F",
-        "qcow2",
-        s(&p("ct.qcow2")),
-    ]);
+    ember_overlay(s(&p("ct.qcow2")), "cb.qcow2", "qcow2");
     qemu_io(
         &p("ct.qcow2"),
         "qcow2",

@@ -181,6 +181,22 @@ pub fn tool_ok(cmd: &str, args: &[&str]) -> std::process::Output {
     out
 }
 
+/// `ember img create -f qcow2 -b BACKING -F FMT OVERLAY`, asserted to succeed (BACKING as
+/// the overlay will name it: relative names resolve against the overlay's directory).
+pub fn ember_overlay(overlay: &str, backing: &str, backing_fmt: &str) {
+    ember_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        overlay,
+    ]);
+}
+
 /// `ember img ARGS...`, asserted to succeed.
 pub fn ember_img_ok(args: &[&str]) -> std::process::Output {
     let out = ember().arg("img").args(args).output().unwrap();

@@ -34,6 +34,18 @@ fn create(dir: &Path, name: &str, opts: &CreateOptions) -> PathBuf {
     path
 }
 
+/// A 1 MiB qcow2 image with default options.
+fn create_mib(dir: &Path, name: &str) -> PathBuf {
+    create(
+        dir,
+        name,
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+}
+
 fn open_rw(path: &Path) -> Qcow2Image {
     Qcow2Image::open(
         path,
@@ -307,14 +319,7 @@ fn resize_grows_the_l1_table_and_shrink_drops_clusters() {
 #[test]
 fn compressed_clusters_read_back_and_overwrite_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(
-        dir.path(),
-        "c.qcow2",
-        &CreateOptions {
-            size: 1 << 20,
-            ..Default::default()
-        },
-    );
+    let p = create_mib(dir.path(), "c.qcow2");
     let mut img = open_rw(&p);
     let a: Vec<u8> = (0..65536u32).map(|i| (i / 7) as u8).collect();
     let b: Vec<u8> = (0..65536u32).map(|i| (i / 13) as u8).collect();
@@ -336,14 +341,7 @@ fn compressed_clusters_read_back_and_overwrite_cleanly() {
 #[test]
 fn leaks_are_found_and_repaired() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(
-        dir.path(),
-        "l.qcow2",
-        &CreateOptions {
-            size: 1 << 20,
-            ..Default::default()
-        },
-    );
+    let p = create_mib(dir.path(), "l.qcow2");
     let mut img = open_rw(&p);
     let leaked = img.alloc_clusters(3).unwrap();
     img.flush().unwrap();
@@ -358,18 +356,10 @@ fn leaks_are_found_and_repaired() {
 #[test]
 fn wrong_refcount_is_a_corruption_and_rebuild_fixes_it() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(
-        dir.path(),
-        "w.qcow2",
-        &CreateOptions {
-            size: 1 << 20,
-            ..Default::default()
-        },
-    );
+    let p = create_mib(dir.path(), "w.qcow2");
     let mut img = open_rw(&p);
     img.write_at(&[5u8; 70_000], 0).unwrap();
     img.flush().unwrap();
-    let (_, _) = (0, 0);
     let L2Entry::Normal { offset, .. } = img.lookup(0).unwrap() else {
         panic!("not allocated")
     };
@@ -430,14 +420,7 @@ fn truncated_and_past_eof_tables_are_clear_errors() {
 #[test]
 fn l2_entry_past_eof_fails_the_read_not_the_process() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(
-        dir.path(),
-        "e.qcow2",
-        &CreateOptions {
-            size: 1 << 20,
-            ..Default::default()
-        },
-    );
+    let p = create_mib(dir.path(), "e.qcow2");
     let mut img = open_rw(&p);
     img.write_at(&[1u8; 512], 0).unwrap();
     img.flush().unwrap();
@@ -470,14 +453,7 @@ fn cyclic_and_missing_backing_chains_are_refused() {
 #[test]
 fn corrupt_bit_allows_read_only_open_only() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(
-        dir.path(),
-        "c.qcow2",
-        &CreateOptions {
-            size: 1 << 20,
-            ..Default::default()
-        },
-    );
+    let p = create_mib(dir.path(), "c.qcow2");
     patch(&p, 72, &header::incompat::CORRUPT.to_be_bytes());
     assert!(open_err(&p).contains("marked corrupt"));
     let ro = OpenOptions {
@@ -562,14 +538,7 @@ fn random_garbage_never_panics_the_opener() {
 fn absurd_offsets_in_tables_do_not_overflow_the_check() {
     // Found by the qcow2_image fuzz target: a refcount table entry near u64::MAX.
     let dir = tempfile::tempdir().unwrap();
-    let p = create(
-        dir.path(),
-        "o.qcow2",
-        &CreateOptions {
-            size: 1 << 20,
-            ..Default::default()
-        },
-    );
+    let p = create_mib(dir.path(), "o.qcow2");
     let img = open_rw(&p);
     let rt = img.header().refcount_table_offset;
     drop(img);
