@@ -15,6 +15,7 @@ pub mod run_state;
 pub mod signals;
 pub mod vcpu;
 pub mod vmm;
+pub mod vstate;
 
 /// Formats an error with all its causes on one line: `outer: cause: root cause`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
