@@ -13,6 +13,7 @@ pub mod memory;
 pub mod net;
 pub mod run_state;
 pub mod signals;
+pub mod test_runner;
 pub mod vcpu;
 pub mod vmm;
 pub mod vstate;
