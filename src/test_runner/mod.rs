@@ -1,4 +1,5 @@
 //! Pieces of `ember test`, the boot-test runner: reading the test results a guest prints
-//! ([`ktap`]).
+//! ([`ktap`]) and writing what CI systems read ([`report`]: JUnit XML and JSON).
 
 pub mod ktap;
+pub mod report;
