@@ -45,6 +45,9 @@ impl From<GuestExit> for Outcome {
             GuestExit::Reset => Outcome::Reset,
             GuestExit::PowerOff => Outcome::PowerOff,
             GuestExit::DebugExit(code) => Outcome::DebugExit(code),
+            GuestExit::Panic(ev) => {
+                Outcome::Crash(format!("guest kernel panic (pvpanic event {ev:#x})"))
+            }
         }
     }
 }

@@ -26,6 +26,14 @@ impl Interrupt for vmm_sys_util::eventfd::EventFd {
     }
 }
 
+/// A level-triggered interrupt line (an IOAPIC pin driven with KVM_IRQ_LINE in the VMM, a
+/// recorder in tests). The device says what the line's level is; it stays there until the
+/// device changes it.
+pub trait IrqLevel: Send + Sync {
+    /// Drives the line high (asserted) or low.
+    fn set_level(&self, high: bool) -> io::Result<()>;
+}
+
 /// Why the guest asked to leave.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestExit {
@@ -35,6 +43,9 @@ pub enum GuestExit {
     PowerOff,
     /// A write to the debug-exit port; the process exit status to use.
     DebugExit(i32),
+    /// The guest kernel panicked and said so through the pvpanic port; the event bits it
+    /// wrote (bit 0 panicked, bit 1 crash kernel loaded).
+    Panic(u8),
 }
 
 /// Where devices report that the guest wants the VM to end.
@@ -63,6 +74,29 @@ pub(crate) mod test_utils {
     impl Interrupt for CountingInterrupt {
         fn trigger(&self) -> io::Result<()> {
             self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A level-triggered line that records every level it is driven to.
+    #[derive(Default)]
+    pub struct RecordingLevel(pub Mutex<Vec<bool>>);
+
+    impl RecordingLevel {
+        /// Every level set, oldest first.
+        pub fn levels(&self) -> Vec<bool> {
+            self.0.lock().unwrap().clone()
+        }
+
+        /// The line's level now (low before any change).
+        pub fn is_high(&self) -> bool {
+            self.levels().last().copied().unwrap_or(false)
+        }
+    }
+
+    impl IrqLevel for RecordingLevel {
+        fn set_level(&self, high: bool) -> io::Result<()> {
+            self.0.lock().unwrap().push(high);
             Ok(())
         }
     }
