@@ -2,6 +2,7 @@
 //! (MP table, ACPI) and CPUID.
 
 pub mod acpi;
+pub mod aml;
 pub mod cpuid;
 pub mod gdt;
 pub mod mptable;
