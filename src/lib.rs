@@ -4,17 +4,23 @@
 //! [`vmm::Vmm`] and runs it. The VMM core lives here; the devices and the boot code are the
 //! `devices` and `boot` crates.
 
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod console;
+pub mod definitions;
 pub mod device_manager;
 pub mod host;
 pub mod img;
+pub mod logger;
 pub mod memory;
 pub mod net;
 pub mod run_state;
+pub mod session;
 pub mod signals;
 pub mod test_runner;
 pub mod vcpu;
+pub mod vmdir;
 pub mod vmm;
 pub mod vstate;
 

@@ -25,13 +25,22 @@ pub enum Outcome {
     ConsoleQuit,
     /// Ember got a terminating signal.
     Signal(i32),
+    /// `ember destroy` (or the API) ended the VM.
+    Destroyed,
+    /// The VM is to be built and booted again (`ember reset`, `ember reboot`, a guest
+    /// reboot with `--reboot restart`).
+    Restart,
 }
 
 impl Outcome {
     /// The process exit status for this outcome.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::PowerOff | Outcome::Reset | Outcome::ConsoleQuit => 0,
+            Outcome::PowerOff
+            | Outcome::Reset
+            | Outcome::ConsoleQuit
+            | Outcome::Destroyed
+            | Outcome::Restart => 0,
             Outcome::DebugExit(code) => *code,
             Outcome::Crash(_) => 1,
             Outcome::Signal(sig) => 128 + sig,
@@ -48,6 +57,29 @@ impl From<GuestExit> for Outcome {
             GuestExit::Panic(ev) => {
                 Outcome::Crash(format!("guest kernel panic (pvpanic event {ev:#x})"))
             }
+        }
+    }
+}
+
+/// What the VM is doing, as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum VmState {
+    /// Configured through the API, waiting for `InstanceStart`.
+    #[serde(rename = "Not started")]
+    NotStarted,
+    /// vCPUs run.
+    Running,
+    /// vCPUs are parked.
+    Paused,
+}
+
+impl VmState {
+    /// How `ember list` prints it (virsh's words).
+    pub fn virsh_name(self) -> &'static str {
+        match self {
+            VmState::NotStarted => "configuring",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
         }
     }
 }

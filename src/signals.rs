@@ -29,6 +29,11 @@ extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     }
 }
 
+/// The last terminating signal received (0 if none).
+pub fn last_signal() -> i32 {
+    LAST_SIGNAL.load(Ordering::SeqCst)
+}
+
 /// Installs the handlers (idempotent).
 pub fn install() -> std::io::Result<()> {
     if SIGNAL_EVT.get().is_none() {

@@ -42,8 +42,8 @@ fn tiny_file(dir: &tempfile::TempDir) -> String {
 }
 
 #[test]
-fn missing_kernel_option_is_a_usage_error() {
-    usage_error(&[], "--kernel");
+fn no_kernel_without_an_api_is_a_usage_error() {
+    usage_error(&["--no-api"], "--no-api");
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! An address space (PIO or MMIO) mapping ranges to devices.
 //!
-//! Built before the vCPUs start and then shared read-only between them; each device sits
-//! behind its own mutex, so vCPUs touching different devices never contend.
+//! Shared by the vCPUs and the device manager: devices can be inserted and removed while
+//! vCPUs run (hotplug). A lookup holds the map's read lock only long enough to clone the
+//! device's handle; each device sits behind its own mutex, so vCPUs touching different
+//! devices never contend.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the start of the device's range.
 pub trait BusDevice: Send {
@@ -38,10 +40,12 @@ pub enum BusError {
 /// A shared, lockable bus device.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
+type RangeMap = BTreeMap<u64, (u64, SharedDevice)>;
+
 /// Ranges keyed by their start; ranges never overlap.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Bus {
-    devices: BTreeMap<u64, (u64, SharedDevice)>,
+    devices: RwLock<RangeMap>,
 }
 
 impl Bus {
@@ -50,32 +54,47 @@ impl Bus {
         Self::default()
     }
 
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, RangeMap> {
+        self.devices.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, RangeMap> {
+        self.devices.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Places `device` at `[base, base + len)`.
-    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
-        let before = self.devices.range(..end).next_back();
+        let mut map = self.map_mut();
+        let before = map.range(..end).next_back();
         if before.is_some_and(|(b, (l, _))| b + l > base) {
             return Err(BusError::Overlap { base, len });
         }
-        self.devices.insert(base, (len, device));
+        map.insert(base, (len, device));
         Ok(())
     }
 
+    /// Takes the device placed at `base` off the bus.
+    pub fn remove(&self, base: u64) -> Option<SharedDevice> {
+        self.map_mut().remove(&base).map(|(_, d)| d)
+    }
+
     /// The device covering `addr` and the offset of `addr` in it.
-    fn resolve(&self, addr: u64) -> Option<(&SharedDevice, u64)> {
-        let (base, (len, dev)) = self.devices.range(..=addr).next_back()?;
+    fn resolve(&self, addr: u64) -> Option<(SharedDevice, u64)> {
+        let map = self.map();
+        let (base, (len, dev)) = map.range(..=addr).next_back()?;
         let offset = addr - base;
-        (offset < *len).then_some((dev, offset))
+        (offset < *len).then(|| (dev.clone(), offset))
     }
 
     /// Routes a read; returns false when no device is there.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                lock(dev).read(offset, data);
+                lock(&dev).read(offset, data);
                 true
             }
             None => false,
@@ -86,7 +105,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                lock(dev).write(offset, data);
+                lock(&dev).write(offset, data);
                 true
             }
             None => false,
@@ -126,7 +145,7 @@ mod tests {
     #[test]
     fn access_is_routed_with_offset_inside_the_range() {
         let dev = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         let mut data = [0u8; 1];
         assert!(bus.read(0x3fd, &mut data));
@@ -137,7 +156,7 @@ mod tests {
 
     #[test]
     fn addresses_outside_every_range_are_not_claimed() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
             .unwrap();
         let mut data = [0u8; 1];
@@ -148,7 +167,7 @@ mod tests {
 
     #[test]
     fn overlapping_and_empty_ranges_are_refused() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let dev = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev(), 0x10, 0x10).unwrap();
         assert_eq!(
@@ -172,5 +191,17 @@ mod tests {
             bus.insert(dev(), u64::MAX, 2),
             Err(BusError::InvalidRange { .. })
         ));
+    }
+
+    #[test]
+    fn removed_devices_stop_claiming_and_free_their_range() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev.clone(), 0x100, 0x10).unwrap();
+        assert!(bus.remove(0x100).is_some());
+        assert!(!bus.write(0x104, &[1]));
+        assert!(bus.remove(0x100).is_none());
+        bus.insert(dev, 0x108, 0x10).unwrap();
+        assert!(bus.write(0x110, &[1]));
     }
 }

@@ -8,9 +8,18 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The ember binary cargo built for these tests.
+/// The state and definition directories the tests' VMs use (not the host's /run/ember).
+pub fn state_dirs() -> (PathBuf, PathBuf) {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    (base.join("ember-state"), base.join("ember-config"))
+}
+
+/// The ember binary cargo built for these tests, with the tests' state directories.
 pub fn ember() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ember"))
+    let (state, config) = state_dirs();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ember"));
+    c.env("EMBER_STATE_DIR", state).env("EMBER_CONFIG_DIR", config);
+    c
 }
 
 /// Panics unless /dev/kvm can be opened: these tests need it and must not pass without it.

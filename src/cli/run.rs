@@ -1,0 +1,260 @@
+//! `ember run`: a VM from the command line, from a Firecracker config file, or configured
+//! through the API (`--api-sock` without `--kernel`), in the foreground or (`-d`) in the
+//! background.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::{detach, USAGE_ERROR};
+use crate::api::firecracker::{ConfigFile, PendingVm};
+use crate::config::{
+    self, parse_name, parse_text, ConfigError, DiskConfig, NetConfig, SerialMode, VmConfig,
+};
+use crate::console::{is_terminal, RawTerminal};
+use crate::run_state::Outcome;
+use crate::session::{self, RunRequest, Session};
+use crate::{error_chain, signals};
+
+/// `ember run`.
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage [qemu: -kernel]; without
+    /// it (and without --config-file) the VM waits for its configuration on the API socket,
+    /// as firecracker --api-sock does
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk / initramfs [qemu: -initrd]
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [qemu: -append]
+    #[arg(long, value_name = "STRING", default_value = config::DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// vCPUs: N, or boot=N,max=M (1 to 32) [qemu: -smp]
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub cpus: String,
+    /// Guest RAM; K/M/G suffixes, a bare number is MiB [qemu: -m]
+    #[arg(long, short = 'm', value_name = "SIZE", default_value = "256M")]
+    pub memory: String,
+    /// Serial console: stdio (Ctrl-] quits), pty, file=PATH, log (the VM's console log and
+    /// `ember console`; the default with -d) or none [qemu: -serial]
+    #[arg(long, value_name = "MODE")]
+    pub serial: Option<String>,
+    /// CPU features to hide (-name) or require (+name), /proc/cpuinfo names, e.g. -cx16,+popcnt
+    /// [qemu: -cpu host,-cx16]
+    #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
+    pub cpu_features: Option<String>,
+    /// What a guest reboot does: exit (status 0) or restart [qemu: -no-reboot is exit]
+    #[arg(long, value_name = "ACTION", default_value = "exit")]
+    pub reboot: String,
+    /// Block device: path=FILE[,id=vdX][,format=raw|qcow2][,readonly=on][,serial=ID]
+    /// [,cache=writeback|none]; repeatable: vda, vdb, ... [qemu: -drive if=virtio]
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
+    /// NIC: tap=NAME|fd=N|network=NAME[,id=ethN][,mac=52:54:00:xx:xx:xx][,mtu=N]; repeatable
+    /// [qemu: -netdev tap,ifname=NAME -device virtio-net]
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<String>,
+    /// VM name, unique on the host (default ember-PID); default MACs derive from it
+    /// [qemu: -name, firecracker: --id]
+    #[arg(long, visible_alias = "id", value_name = "NAME")]
+    pub name: Option<String>,
+    /// Root device, added to the command line as root=DEVICE rw (e.g. /dev/vda)
+    #[arg(long, value_name = "DEVICE")]
+    pub root: Option<String>,
+    /// isa-debug-exit on port 0xf4: a guest write of V exits with status (V << 1) | 1
+    #[arg(long, value_name = "on|off", default_value = "on", num_args = 0..=1,
+          default_missing_value = "on")]
+    pub debug_exit: String,
+    /// The API socket's path (default: api.sock in the VM's state directory)
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// No API socket
+    #[arg(long)]
+    pub no_api: bool,
+    /// The VM from a Firecracker JSON config file (boot-source, drives, machine-config, ...)
+    #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
+    pub config_file: Option<PathBuf>,
+    /// Run in the background; prints the VM's name once it runs
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+}
+
+fn switch(option: &str, s: &str) -> Result<bool, ConfigError> {
+    config::optparse::parse_switch(s)
+        .ok_or_else(|| ConfigError::new(option, format!("'{s}' is not on or off")))
+}
+
+impl RunArgs {
+    /// The serial mode: as given, else `log` in the background and `stdio` in front.
+    fn serial_mode(&self) -> Result<SerialMode, ConfigError> {
+        match &self.serial {
+            Some(s) => {
+                let mode: SerialMode = parse_text("--serial", s)?;
+                if detach::is_detached_child() && mode == SerialMode::Stdio {
+                    return Err(ConfigError::new(
+                        "--serial",
+                        "stdio cannot be used with -d; use log, pty or file=PATH",
+                    ));
+                }
+                Ok(mode)
+            }
+            None if detach::is_detached_child() => Ok(SerialMode::Log),
+            None => Ok(SerialMode::Stdio),
+        }
+    }
+
+    /// The VM the options describe (`kernel` must be given).
+    fn vm_config(&self, name: &str, kernel: PathBuf) -> Result<VmConfig, ConfigError> {
+        let mut c = VmConfig::new(name, kernel);
+        c.initrd = self.initrd.clone();
+        c.cmdline = self.cmdline.clone();
+        c.cpus = parse_text("--cpus", &self.cpus)?;
+        c.memory = config::parse_memory(&self.memory)?;
+        c.serial = self.serial_mode()?;
+        if let Some(list) = &self.cpu_features {
+            c.cpu_features = parse_text("--cpu-features", list)?;
+        }
+        c.reboot = match self.reboot.as_str() {
+            "exit" => config::RebootAction::Exit,
+            "restart" => config::RebootAction::Restart,
+            other => {
+                return Err(ConfigError::new(
+                    "--reboot",
+                    format!("'{other}' is not a reboot action; use exit or restart"),
+                ))
+            }
+        };
+        c.debug_exit = switch("--debug-exit", &self.debug_exit)?;
+        c.disks = self
+            .disk
+            .iter()
+            .map(|d| DiskConfig::parse(d))
+            .collect::<Result<_, _>>()?;
+        c.nets = self
+            .net
+            .iter()
+            .map(|n| NetConfig::parse(n))
+            .collect::<Result<_, _>>()?;
+        c.root = self.root.clone();
+        // Without --name, MACs derive from "ember" as they always did: stable across runs.
+        c.normalize(self.name.as_deref().unwrap_or("ember"));
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The request `ember run` makes of a session.
+    pub fn into_request(self) -> Result<RunRequest, ConfigError> {
+        let name = match &self.name {
+            Some(n) => parse_name(n)?,
+            None => format!("ember-{}", std::process::id()),
+        };
+        if self.no_api && self.kernel.is_none() && self.config_file.is_none() {
+            return Err(ConfigError::new(
+                "--no-api",
+                "without --kernel or --config-file nothing could configure the VM",
+            ));
+        }
+        let config = match &self.kernel {
+            Some(k) => Some(self.vm_config(&name, k.clone())?),
+            None => None,
+        };
+        let pending = match &self.config_file {
+            Some(f) => Some(read_config_file(f)?),
+            None => None,
+        };
+        Ok(RunRequest {
+            name,
+            config,
+            pending,
+            serial: self.serial_mode()?,
+            api_sock: self.api_sock,
+            no_api: self.no_api,
+            on_ready: None,
+        })
+    }
+}
+
+fn read_config_file(path: &PathBuf) -> Result<PendingVm, ConfigError> {
+    let shown = path.display().to_string();
+    let err = |m: String| ConfigError::new(format!("--config-file {shown}"), m);
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let file: ConfigFile =
+        serde_json::from_str(&text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    PendingVm::from_file(file).map_err(err)
+}
+
+fn report(outcome: &Outcome) {
+    match outcome {
+        Outcome::Crash(msg) => eprintln!("ember: {msg}"),
+        Outcome::Signal(sig) => eprintln!("ember: stopped by signal {sig}"),
+        Outcome::ConsoleQuit => eprintln!("ember: console closed (Ctrl-]); VM stopped"),
+        Outcome::PowerOff => log::debug!("guest powered off"),
+        Outcome::Reset => log::debug!("guest reset"),
+        Outcome::Destroyed => log::info!("VM destroyed"),
+        Outcome::Restart => log::debug!("VM restarted"),
+        Outcome::DebugExit(code) => log::debug!("guest exited through debug-exit: {code}"),
+    }
+}
+
+/// Runs `ember run`.
+pub fn run(args: RunArgs) -> ExitCode {
+    if args.detach && !detach::is_detached_child() {
+        return detach::spawn_detached(&detach::args_without_detach());
+    }
+    let mut req = match args.into_request() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ember: {e}");
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
+    run_request(&mut req)
+}
+
+/// Runs a session for `req` in this process (the foreground, or a detached child).
+pub fn run_request(req: &mut RunRequest) -> ExitCode {
+    if let Err(e) = signals::install() {
+        eprintln!("ember: cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    let interactive = req
+        .config
+        .as_ref()
+        .map(|c| &c.serial)
+        .unwrap_or(&req.serial)
+        == &SerialMode::Stdio
+        && is_terminal(libc::STDIN_FILENO);
+    let raw = interactive
+        .then(|| RawTerminal::new(libc::STDIN_FILENO).ok())
+        .flatten();
+    if detach::is_detached_child() {
+        req.on_ready = Some(Box::new(|s: &Session| detach::announce_ready(s)));
+    }
+    let taken = RunRequest {
+        name: req.name.clone(),
+        config: req.config.take(),
+        pending: req.pending.take(),
+        api_sock: req.api_sock.take(),
+        no_api: req.no_api,
+        serial: req.serial.clone(),
+        on_ready: req.on_ready.take(),
+    };
+    let result = session::run(taken);
+    drop(raw);
+    match result {
+        Ok(outcome) => {
+            report(&outcome);
+            ExitCode::from(outcome.exit_code() as u8)
+        }
+        Err(e) => {
+            eprintln!("ember: {}", error_chain(&e));
+            if e.is_user_error() {
+                ExitCode::from(USAGE_ERROR)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

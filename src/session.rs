@@ -1,0 +1,408 @@
+//! The life of one `ember run` process around its VM: the state directory (the name's lock),
+//! the console, the API server, the wait for Firecracker-style configuration and
+//! `InstanceStart`, and the build -> boot -> run loop that starts the VM again after a reset.
+//! These outlast any one build of the VM.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use serde_json::json;
+
+use crate::api::firecracker::{self as fc, msg, ActionType, PendingVm};
+use crate::api::http::Response;
+use crate::api::server::{ApiServer, ConnId, ServerError, SharedServer};
+use crate::api::{self, ApiRequest};
+use crate::config::{RebootAction, VmConfig};
+use crate::console::{Console, ConsoleError};
+use crate::device_manager::EventLoop;
+use crate::run_state::{Outcome, RunState, VmState};
+use crate::vmdir::{VmDir, VmDirError};
+use crate::vmm::{Vmm, VmmError};
+
+/// Errors of a session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The state directory.
+    #[error(transparent)]
+    Dir(#[from] VmDirError),
+    /// The console.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// The API socket.
+    #[error(transparent)]
+    Api(#[from] ServerError),
+    /// Building or running the VM.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The `--api-sock` link in the state directory.
+    #[error("cannot link {0} into the state directory")]
+    Link(String, #[source] std::io::Error),
+    /// The event loop.
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// A bad --config-file.
+    #[error("--config-file {0}: {1}")]
+    ConfigFile(String, String),
+}
+
+impl SessionError {
+    /// True for errors the user fixes by changing the command line (exit status 2).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            SessionError::Dir(VmDirError::InUse { .. })
+            | SessionError::Api(ServerError::InUse(_))
+            | SessionError::ConfigFile(..)
+            | SessionError::Console(ConsoleError::File { .. }) => true,
+            SessionError::Vmm(e) => e.is_user_error(),
+            _ => false,
+        }
+    }
+}
+
+/// Called once the VM (or, pre-boot, the API) is ready.
+pub type OnReady = Box<dyn FnOnce(&Session)>;
+
+/// What `ember run` was asked to do.
+pub struct RunRequest {
+    /// The VM's name.
+    pub name: String,
+    /// The VM, when given on the command line; else it comes through the API.
+    pub config: Option<VmConfig>,
+    /// Firecracker-style configuration (`--config-file`), booted at once.
+    pub pending: Option<PendingVm>,
+    /// `--api-sock PATH` instead of the state directory's socket.
+    pub api_sock: Option<PathBuf>,
+    /// `--no-api`.
+    pub no_api: bool,
+    /// The console (for a VM configured through the API).
+    pub serial: crate::config::SerialMode,
+    /// Called once the VM (or, pre-boot, the API) is ready.
+    pub on_ready: Option<OnReady>,
+}
+
+/// What lives as long as the process.
+pub struct Session {
+    /// The VM's name.
+    pub name: String,
+    /// The console's host side.
+    pub console: Console,
+    /// The API server.
+    pub api: Option<SharedServer>,
+    /// The state directory (holds the name).
+    pub dir: VmDir,
+    /// `PUT /metrics`: where FlushMetrics writes.
+    metrics: Mutex<Option<File>>,
+    created: Instant,
+}
+
+/// `GET /version`.
+pub fn version_response() -> Response {
+    let v = json!({
+        "firecracker_version": "1.16.1",
+        "ember_version": env!("CARGO_PKG_VERSION"),
+    });
+    Response::json(200, v.to_string())
+}
+
+impl Session {
+    /// `GET /`.
+    pub fn instance_info(&self, state: VmState) -> Response {
+        let v = json!({
+            "id": self.name,
+            "state": state,
+            "vmm_version": env!("CARGO_PKG_VERSION"),
+            "app_name": "Ember",
+        });
+        Response::json(200, v.to_string())
+    }
+
+    /// The API socket's path, if any.
+    pub fn api_path(&self) -> Option<PathBuf> {
+        self.api.as_ref().map(|a| {
+            a.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .path()
+                .to_path_buf()
+        })
+    }
+
+    /// `FlushMetrics`: one JSON line of counters to the metrics file.
+    pub fn flush_metrics(&self, counters: &serde_json::Value) -> Response {
+        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = m.as_mut() {
+            let line = json!({
+                "utc_timestamp_ms": std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or_default(),
+                "uptime_ms": self.created.elapsed().as_millis() as u64,
+                "ember": counters,
+            });
+            if let Err(e) = writeln!(f, "{line}") {
+                return Response::fault(400, &format!("Metrics error: cannot write: {e}"));
+            }
+        }
+        Response::empty(204)
+    }
+
+    fn set_metrics(&self, path: &Path) -> Result<(), String> {
+        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if m.is_some() {
+            return Err(
+                "Metrics error: Cannot initialize the metrics system due to bad user \
+                        input: Reinitialization of metrics not allowed."
+                    .into(),
+            );
+        }
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| {
+                format!(
+                    "Metrics error: Cannot initialize the metrics system due to bad user \
+                     input: {e}"
+                )
+            })?;
+        *m = Some(f);
+        Ok(())
+    }
+}
+
+/// Wakes the pre-boot loop when a signal or the exit state asks.
+struct Waker(Arc<RunState>);
+
+impl MutEventSubscriber for Waker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.wake_fd(), EventSet::IN)) {
+            log::error!("cannot watch the exit event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.wake_fd().read();
+    }
+}
+
+/// Runs `req` to its end.
+pub fn run(mut req: RunRequest) -> Result<Outcome, SessionError> {
+    let dir = VmDir::claim(&req.name)?;
+    let serial = req
+        .config
+        .as_ref()
+        .map(|c| c.serial.clone())
+        .unwrap_or_else(|| req.serial.clone());
+    let console = Console::open(&serial, Some(&dir.console_log()))?;
+    let api = if req.no_api {
+        None
+    } else {
+        let path = req.api_sock.clone().unwrap_or_else(|| dir.api_sock());
+        let server = ApiServer::bind(&path, Some(console.hub().clone()))?;
+        if req.api_sock.is_some() {
+            dir.link_api_sock(&path)
+                .map_err(|e| SessionError::Link(path.display().to_string(), e))?;
+        }
+        Some(Arc::new(Mutex::new(server)))
+    };
+    let session = Session {
+        name: req.name.clone(),
+        console,
+        api,
+        dir,
+        metrics: Mutex::new(None),
+        created: Instant::now(),
+    };
+    let on_ready = req.on_ready.take();
+    match (req.config.take(), req.pending.take()) {
+        (Some(mut c), _) => {
+            c.serial = serial;
+            run_vm(&session, &c, None, on_ready)
+        }
+        (None, Some(p)) => {
+            let mut c = p
+                .to_vm_config(&session.name)
+                .map_err(|e| SessionError::ConfigFile(String::new(), e))?;
+            c.serial = serial;
+            run_vm(&session, &c, None, on_ready)
+        }
+        (None, None) => {
+            if let Some(ready) = on_ready {
+                ready(&session);
+            }
+            start_from_api(&session, serial)
+        }
+    }
+}
+
+/// Firecracker's flow: configuration and `InstanceStart` come through the API; a start that
+/// fails is answered with the error and the wait goes on.
+fn start_from_api(
+    session: &Session,
+    serial: crate::config::SerialMode,
+) -> Result<Outcome, SessionError> {
+    let mut pending = PendingVm::default();
+    loop {
+        let Some((conn, mut cfg)) = wait_for_start(session, &mut pending)? else {
+            return Ok(Outcome::Signal(crate::signals::last_signal()));
+        };
+        cfg.serial = serial.clone();
+        let built = Vmm::build(&cfg, session).and_then(|mut v| v.boot().map(|()| v));
+        let answer = match &built {
+            Ok(_) => Response::empty(204),
+            Err(e) => api::bad_request(&format!("Start microvm error: {}", crate::error_chain(e))),
+        };
+        if let Some(server) = &session.api {
+            server
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .respond(conn, answer);
+        }
+        if let Ok(vmm) = built {
+            return run_vm(session, &cfg, Some(vmm), None);
+        }
+    }
+}
+
+/// Runs the VM (`first`, or one built from `cfg`), and builds and boots it again after each
+/// reset asked for.
+fn run_vm(
+    session: &Session,
+    cfg: &VmConfig,
+    mut first: Option<Vmm>,
+    mut on_ready: Option<OnReady>,
+) -> Result<Outcome, SessionError> {
+    loop {
+        let mut vmm = match first.take() {
+            Some(v) => v,
+            None => {
+                let mut v = Vmm::build(cfg, session)?;
+                v.boot()?;
+                v
+            }
+        };
+        if let Some(ready) = on_ready.take() {
+            ready(session);
+        }
+        match vmm.run(session)? {
+            Outcome::Restart => log::info!("VM {} restarts", session.name),
+            Outcome::Reset if cfg.reboot == RebootAction::Restart => {
+                log::info!("guest reset; restarting")
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
+/// Serves the API until `InstanceStart`; returns its connection and the configuration, or
+/// `None` when a signal ended the wait.
+fn wait_for_start(
+    session: &Session,
+    pending: &mut PendingVm,
+) -> Result<Option<(ConnId, VmConfig)>, SessionError> {
+    let Some(server) = &session.api else {
+        return Ok(None);
+    };
+    let state = Arc::new(RunState::new().map_err(|e| SessionError::Link("eventfd".into(), e))?);
+    let mut events = EventLoop::new().map_err(SessionError::EventLoop)?;
+    events.add_subscriber(Arc::new(Mutex::new(Waker(state.clone()))));
+    crate::signals::subscribe(&mut events, state.clone());
+    events.add_subscriber(server.clone());
+    loop {
+        events.run().map_err(SessionError::EventLoop)?;
+        if state.is_exiting() {
+            return Ok(None);
+        }
+        if let Some(start) = serve_preboot(session, server, pending) {
+            return Ok(Some(start));
+        }
+    }
+}
+
+/// Answers pre-boot requests; returns `InstanceStart`'s connection and configuration (it is
+/// answered once the VM is built).
+fn serve_preboot(
+    session: &Session,
+    server: &SharedServer,
+    pending: &mut PendingVm,
+) -> Option<(ConnId, VmConfig)> {
+    loop {
+        let next = server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_request();
+        let (conn, req) = next?;
+        let (resp, start) = match api::route(&req) {
+            Ok(r) => preboot_answer(session, pending, r),
+            Err(resp) => (Some(resp), None),
+        };
+        if let Some(resp) = resp {
+            server
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .respond(conn, resp);
+        }
+        if let Some(c) = start {
+            return Some((conn, c));
+        }
+    }
+}
+
+fn done(r: Result<(), String>) -> Response {
+    match r {
+        Ok(()) => Response::empty(204),
+        Err(e) => api::bad_request(&e),
+    }
+}
+
+fn preboot_answer(
+    session: &Session,
+    pending: &mut PendingVm,
+    req: ApiRequest,
+) -> (Option<Response>, Option<VmConfig>) {
+    let r = match req {
+        ApiRequest::InstanceInfo => session.instance_info(VmState::NotStarted),
+        ApiRequest::Version => version_response(),
+        ApiRequest::VmConfig => Response::json(
+            200,
+            fc::full_config(
+                pending.boot_source.as_ref(),
+                &pending.machine,
+                &pending.drives,
+                &pending.nets,
+            )
+            .to_string(),
+        ),
+        ApiRequest::GetMachineConfig => Response::json(
+            200,
+            serde_json::to_string(&pending.machine).unwrap_or_default(),
+        ),
+        ApiRequest::PutMachineConfig(m) => done(pending.set_machine(m)),
+        ApiRequest::PatchMachineConfig(u) => done(pending.patch_machine(u)),
+        ApiRequest::BootSource(b) => done(pending.set_boot_source(b)),
+        ApiRequest::Drive(d) => done(pending.set_drive(d)),
+        ApiRequest::NetworkInterface(n) => done(pending.set_net(n)),
+        ApiRequest::Logger(l) => done(crate::logger::configure(&l)),
+        ApiRequest::Metrics(m) => done(session.set_metrics(&m.metrics_path)),
+        ApiRequest::Action(a) if a.action_type == ActionType::InstanceStart => {
+            return match pending.to_vm_config(&session.name) {
+                Ok(c) => (None, Some(c)),
+                Err(e) => (Some(api::bad_request(&e)), None),
+            }
+        }
+        ApiRequest::Action(_)
+        | ApiRequest::PatchVm(_)
+        | ApiRequest::EmberCounters
+        | ApiRequest::EmberAction(_) => api::bad_request(msg::BEFORE_START),
+        ApiRequest::EmberInfo => Response::json(
+            200,
+            json!({"name": session.name, "state": VmState::NotStarted,
+                   "pid": std::process::id()})
+            .to_string(),
+        ),
+    };
+    (Some(r), None)
+}

@@ -1,0 +1,177 @@
+//! Answers to the control API while the VM runs (or is paused).
+
+use serde_json::json;
+
+use super::Vmm;
+use crate::api::firecracker::{self as fc, msg, ActionType, VmStateName};
+use crate::api::http::Response;
+use crate::api::{self, ApiRequest, EmberAction, EmberActionType, ShutdownMode};
+use crate::run_state::{Outcome, VmState};
+use crate::session::Session;
+
+impl Vmm {
+    /// Answers every request the API server holds.
+    pub(super) fn serve_api(&mut self, session: &Session) {
+        let Some(server) = &session.api else {
+            return;
+        };
+        loop {
+            let next = server
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .next_request();
+            let Some((conn, req)) = next else {
+                break;
+            };
+            let resp = match api::route(&req) {
+                Ok(r) => self.handle(r, session),
+                Err(resp) => resp,
+            };
+            server
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .respond(conn, resp);
+        }
+    }
+
+    fn handle(&mut self, req: ApiRequest, session: &Session) -> Response {
+        match req {
+            ApiRequest::InstanceInfo => session.instance_info(self.state),
+            ApiRequest::Version => crate::session::version_response(),
+            ApiRequest::VmConfig => {
+                let (b, m, d, n) = fc::describe(&self.config);
+                Response::json(200, fc::full_config(Some(&b), &m, &d, &n).to_string())
+            }
+            ApiRequest::GetMachineConfig => Response::json(
+                200,
+                serde_json::to_string(&fc::machine_of(&self.config)).unwrap_or_default(),
+            ),
+            ApiRequest::PutMachineConfig(_)
+            | ApiRequest::PatchMachineConfig(_)
+            | ApiRequest::BootSource(_)
+            | ApiRequest::Logger(_)
+            | ApiRequest::Metrics(_)
+            | ApiRequest::Drive(_)
+            | ApiRequest::NetworkInterface(_) => api::bad_request(msg::AFTER_START),
+            ApiRequest::PatchVm(change) => {
+                let r = match change.state {
+                    VmStateName::Paused => self.pause(),
+                    VmStateName::Resumed => self.resume(),
+                };
+                match r {
+                    Ok(()) => Response::empty(204),
+                    Err(e) => Response::fault(500, &format!("cannot change the VM's state: {e}")),
+                }
+            }
+            ApiRequest::Action(a) => match a.action_type {
+                ActionType::InstanceStart => api::bad_request(msg::AFTER_START),
+                ActionType::SendCtrlAltDel => self.ctrl_alt_del(),
+                ActionType::FlushMetrics => session.flush_metrics(&self.counters()),
+            },
+            ApiRequest::EmberInfo => Response::json(200, self.info(session).to_string()),
+            ApiRequest::EmberCounters => Response::json(200, self.counters().to_string()),
+            ApiRequest::EmberAction(a) => self.ember_action(a),
+        }
+    }
+
+    fn ember_action(&mut self, a: EmberAction) -> Response {
+        match a.action_type {
+            EmberActionType::Shutdown => self.ask_guest_to_stop(a.mode),
+            EmberActionType::Reboot => {
+                self.restart_on_poweroff = true;
+                self.ask_guest_to_stop(a.mode)
+            }
+            EmberActionType::Reset => {
+                self.run_state.request_exit(Outcome::Restart);
+                Response::empty(204)
+            }
+            EmberActionType::Destroy => {
+                self.run_state.request_exit(Outcome::Destroyed);
+                Response::empty(204)
+            }
+        }
+    }
+
+    fn ask_guest_to_stop(&mut self, mode: ShutdownMode) -> Response {
+        match mode {
+            ShutdownMode::Acpi => self.power_button(),
+            ShutdownMode::CtrlAltDel => self.ctrl_alt_del(),
+        }
+    }
+
+    fn power_button(&mut self) -> Response {
+        let pressed = self.devices.acpi_pm().map(|pm| {
+            pm.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .press_power_button()
+        });
+        match pressed {
+            Some(true) => Response::empty(204),
+            Some(false) => Response::fault(
+                409,
+                "the guest does not listen to the ACPI power button (no ACPI button driver, or \
+                 it has not booted that far); try --mode ctrl-alt-del",
+            ),
+            None => Response::fault(400, "this VM has no ACPI power button"),
+        }
+    }
+
+    fn ctrl_alt_del(&mut self) -> Response {
+        let typed = self.devices.i8042().map(|k| {
+            k.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send_ctrl_alt_del()
+        });
+        match typed {
+            Some(true) => Response::empty(204),
+            Some(false) => Response::fault(
+                409,
+                "the guest's keyboard is not enabled (no i8042/atkbd driver, or it has not \
+                 booted that far); try --mode acpi",
+            ),
+            None => Response::fault(400, "this VM has no i8042"),
+        }
+    }
+
+    /// `GET /ember/info`.
+    fn info(&self, session: &Session) -> serde_json::Value {
+        let cfg = &self.config;
+        json!({
+            "name": session.name,
+            "state": self.state,
+            "pid": std::process::id(),
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "vcpus": cfg.cpus.boot,
+            "max_vcpus": cfg.cpus.max,
+            "memory_mib": cfg.memory.0 >> 20,
+            "kernel": cfg.kernel,
+            "initrd": cfg.initrd,
+            "cmdline": cfg.cmdline,
+            "api_sock": session.api_path(),
+            "console": cfg.serial.to_string(),
+            "devices": self.devices.info(),
+            "config": cfg,
+        })
+    }
+
+    /// `GET /ember/counters`.
+    pub fn counters(&self) -> serde_json::Value {
+        let vcpus: Vec<serde_json::Value> = self
+            .handles
+            .iter()
+            .map(|h| json!({"id": h.id(), "exits": h.counters()}))
+            .collect();
+        let (disks, nets) = self.devices.counters();
+        json!({
+            "state": self.state,
+            "vcpus": vcpus,
+            "disks": disks,
+            "nets": nets,
+        })
+    }
+
+    /// Whether the VM runs (not paused).
+    pub fn is_running(&self) -> bool {
+        self.state == VmState::Running
+    }
+}

@@ -1,0 +1,407 @@
+//! One VM: KVM objects, guest memory, devices and vCPUs ([`Vmm::build`]), a kernel loaded
+//! into it ([`Vmm::boot`]), and the event loop that runs on the calling thread until the
+//! VM's run ends ([`Vmm::run`]), answering the API between rounds. Building is separate from
+//! booting so a VM can also be brought up from saved state.
+
+mod control;
+pub mod cpuid;
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use boot::x86_64::cpuid::{self as boot_cpuid, CpuidError};
+use boot::{BootError, BootSpec, LoaderError};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager, EventLoop};
+use crate::memory::{self, MemoryError};
+use crate::run_state::{Outcome, RunState, VmState};
+use crate::session::Session;
+use crate::signals;
+use crate::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
+
+/// How long a vCPU may take to answer a request.
+const VCPU_ANSWER: Duration = Duration::from_secs(2);
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The host's KVM lacks a capability Ember needs.
+    #[error("the host's KVM lacks {0}")]
+    MissingCap(&'static str),
+    /// A VM-level KVM ioctl failed.
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// More vCPUs than this host's KVM runs.
+    #[error("--cpus: {want} vCPUs asked, this host's KVM allows {max}")]
+    TooManyCpus {
+        /// Asked.
+        want: u8,
+        /// Allowed.
+        max: usize,
+    },
+    /// A kernel or initrd file cannot be opened.
+    #[error("{option}: cannot open '{path}'")]
+    Open {
+        /// The option naming the file.
+        option: &'static str,
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel or writing boot tables.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// CPUID (`--cpu-features`).
+    #[error("--cpu-features: {0}")]
+    Cpuid(#[from] CpuidError),
+    /// Devices.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The event loop.
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+impl VmmError {
+    /// True for errors the user fixes by changing the command line (exit status 2).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            VmmError::TooManyCpus { .. }
+            | VmmError::Open { .. }
+            | VmmError::Cpuid(_)
+            | VmmError::Config(_) => true,
+            VmmError::Device(
+                DeviceError::Disk { .. }
+                | DeviceError::NoIrq
+                | DeviceError::Tap(_)
+                | DeviceError::Network { .. }
+                | DeviceError::DuplicateId(_),
+            ) => true,
+            VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
+            _ => false,
+        }
+    }
+}
+
+/// Handles the event loop's wake-up when the run ends.
+struct ExitWatcher(Arc<RunState>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.wake_fd(), EventSet::IN)) {
+            log::error!("cannot watch the exit event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.wake_fd().read();
+    }
+}
+
+/// A built VM.
+pub struct Vmm {
+    // Field order is drop order: vCPUs and devices go before the VM and the memory they map.
+    /// Configured vCPUs, until [`Vmm::run`] starts them.
+    vcpus: Vec<Vcpu>,
+    /// Started vCPU threads.
+    handles: Vec<VcpuHandle>,
+    devices: DeviceManager,
+    events: EventLoop,
+    run_state: Arc<RunState>,
+    state: VmState,
+    config: VmConfig,
+    /// A guest power-off after `ember reboot` starts the VM again.
+    restart_on_poweroff: bool,
+    started: Instant,
+    _vm: Arc<VmFd>,
+    _kvm: Kvm,
+    mem: GuestMemoryMmap,
+    plan: cpuid::CpuidPlan,
+}
+
+fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmmError> {
+    File::open(path).map_err(|source| VmmError::Open {
+        option,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::Pit2, "an in-kernel PIT"),
+        (Cap::UserMemory, "user memory slots"),
+        (Cap::SetTssAddr, "KVM_SET_TSS_ADDR"),
+        (Cap::ImmediateExit, "immediate_exit"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::MissingCap(name));
+        }
+    }
+    let max = kvm.get_max_vcpus();
+    if usize::from(cfg.cpus.max) > max {
+        return Err(VmmError::TooManyCpus {
+            want: cfg.cpus.max,
+            max,
+        });
+    }
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(|e| VmmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
+    Ok(vm)
+}
+
+impl Vmm {
+    /// Builds the VM described by `cfg`: KVM, memory, devices, vCPUs; no kernel yet.
+    pub fn build(cfg: &VmConfig, session: &Session) -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let plan = cpuid::vm_cpuid(&kvm, &cfg.cpu_features.0)?;
+        let vm = Arc::new(create_vm(&kvm, cfg)?);
+        let mem = memory::create_guest_memory(cfg.memory.0)?;
+        memory::register_with_kvm(&vm, &mem)?;
+
+        let run_state =
+            Arc::new(RunState::new().map_err(|e| VmmError::Device(DeviceError::EventFd(e)))?);
+        let mut events = EventLoop::new().map_err(VmmError::EventLoop)?;
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(run_state.clone()))));
+        signals::subscribe(&mut events, run_state.clone());
+        if let Some(api) = &session.api {
+            events.add_subscriber(api.clone());
+        }
+
+        let mut devices = DeviceManager::new(vm.clone(), mem.clone());
+        devices.attach_legacy(run_state.clone(), cfg.debug_exit, cfg.pvpanic)?;
+        devices.attach_serial(&mut events, &session.console, run_state.clone())?;
+        for disk in &cfg.disks {
+            devices.attach_block(&mut events, disk)?;
+        }
+        for net in &cfg.nets {
+            devices.attach_net(&mut events, net)?;
+        }
+        let vcpus = Self::create_vcpus(&vm, cfg, &plan, &devices, &run_state, &mem)?;
+        Ok(Vmm {
+            vcpus,
+            handles: Vec::new(),
+            devices,
+            events,
+            run_state,
+            state: VmState::Running,
+            config: cfg.clone(),
+            restart_on_poweroff: false,
+            started: Instant::now(),
+            _vm: vm,
+            _kvm: kvm,
+            mem,
+            plan,
+        })
+    }
+
+    fn create_vcpus(
+        vm: &VmFd,
+        cfg: &VmConfig,
+        plan: &cpuid::CpuidPlan,
+        devices: &DeviceManager,
+        run_state: &Arc<RunState>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Vec<Vcpu>, VmmError> {
+        let tsc_deadline = vm.check_extension(Cap::TscDeadlineTimer);
+        let cpus = cfg.cpus.boot;
+        (0..cpus)
+            .map(|id| {
+                let fd = vm
+                    .create_vcpu(u64::from(id))
+                    .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+                let cpuid = boot_cpuid::for_vcpu(&plan.entries, id, cpus, tsc_deadline);
+                Ok(Vcpu::new(
+                    fd,
+                    id,
+                    &cpuid,
+                    devices.buses(),
+                    run_state.clone(),
+                    mem.clone(),
+                )?)
+            })
+            .collect()
+    }
+
+    /// The kernel command line: the user's, `root=`, the devices', `clearcpuid=`.
+    fn kernel_cmdline(&self) -> Result<(String, Vec<&'static str>), VmmError> {
+        let cfg = &self.config;
+        let mut line = cfg.cmdline.clone();
+        if let Some(root) = &cfg.root {
+            let ro = cfg.disks.first().is_some_and(|d| d.readonly) && root == "/dev/vda";
+            line = format!(
+                "{} root={root} {}",
+                line.trim_end(),
+                if ro { "ro" } else { "rw" }
+            );
+        }
+        let device_cmdline = self.devices.cmdline();
+        if !device_cmdline.is_empty() {
+            line = format!("{} {device_cmdline}", line.trim_end());
+        }
+        let forced = boot_cpuid::visible(&self.vcpus[0].effective_cpuid()?, &self.plan.hidden);
+        Ok(cpuid::guest_cmdline(&line, &forced))
+    }
+
+    /// Loads the kernel, initrd and command line and points the boot vCPU at the kernel.
+    pub fn boot(&mut self) -> Result<(), VmmError> {
+        let (cmdline, cleared) = self.kernel_cmdline()?;
+        let mut kernel = open("--kernel", &self.config.kernel)?;
+        let mut initrd = match &self.config.initrd {
+            Some(p) => Some(open("--initrd", p)?),
+            None => None,
+        };
+        let boot_state = boot::configure_system(
+            &self.mem,
+            BootSpec {
+                kernel: &mut kernel,
+                initrd: initrd.as_mut(),
+                cmdline: &cmdline,
+                cpus: self.config.cpus.boot,
+            },
+        )?;
+        self.vcpus[0].set_boot_entry(&boot_state)?;
+        cpuid::log_host_hiding(&self.plan.host_hidden, &cleared);
+        Ok(())
+    }
+
+    /// Runs the VM until it ends; returns how. API requests are answered between rounds of
+    /// the event loop.
+    pub fn run(&mut self, session: &Session) -> Result<Outcome, VmmError> {
+        vcpu::install_kick_handler()?;
+        for v in self.vcpus.drain(..) {
+            match v.start(false) {
+                Ok(h) => self.handles.push(h),
+                Err(e) => {
+                    self.run_state.request_exit(Outcome::Crash(e.to_string()));
+                    break;
+                }
+            }
+        }
+        self.started = Instant::now();
+        let mut reports = 0;
+        while !self.run_state.is_exiting() {
+            if let Err(e) = self.events.run() {
+                self.run_state
+                    .request_exit(Outcome::Crash(format!("event loop failed: {e:?}")));
+            }
+            if self.run_state.report_generation() != reports {
+                reports = self.run_state.report_generation();
+                self.handles.iter().for_each(VcpuHandle::kick);
+            }
+            self.serve_api(session);
+        }
+        self.stop_vcpus();
+        let outcome = self
+            .run_state
+            .outcome()
+            .unwrap_or_else(|| Outcome::Crash("the VM stopped without a reason".into()));
+        Ok(match outcome {
+            Outcome::PowerOff if self.restart_on_poweroff => Outcome::Restart,
+            other => other,
+        })
+    }
+
+    /// Ends every vCPU thread (parked ones too) and joins them.
+    fn stop_vcpus(&mut self) {
+        for h in &self.handles {
+            h.send(VcpuEvent::Finish);
+        }
+        for h in self.handles.drain(..) {
+            h.finish(Duration::from_secs(5));
+        }
+    }
+
+    /// Sends `event` to every vCPU and waits for each to answer `want`.
+    fn tell_vcpus(&mut self, event: fn() -> VcpuEvent, want: VcpuResponse) -> Result<(), String> {
+        for h in &self.handles {
+            if !h.send(event()) {
+                return Err(format!("vCPU {} is gone", h.id()));
+            }
+        }
+        for h in &self.handles {
+            let deadline = Instant::now() + VCPU_ANSWER;
+            loop {
+                match h.response(Duration::from_millis(20)) {
+                    Some(r) if r == want => break,
+                    Some(VcpuResponse::Exited) => return Err(format!("vCPU {} ended", h.id())),
+                    Some(_) => {}
+                    None if Instant::now() > deadline => {
+                        return Err(format!("vCPU {} did not answer", h.id()))
+                    }
+                    // A kick sent before the thread entered KVM_RUN can be missed: resend it.
+                    None => h.kick(),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parks every vCPU (no CPU use) and lets devices finish what they hold.
+    pub fn pause(&mut self) -> Result<(), String> {
+        if self.state == VmState::Paused {
+            return Ok(());
+        }
+        self.tell_vcpus(|| VcpuEvent::Pause, VcpuResponse::Paused)?;
+        self.state = VmState::Paused;
+        Ok(())
+    }
+
+    /// Lets every vCPU run again; queue work posted meanwhile is picked up.
+    pub fn resume(&mut self) -> Result<(), String> {
+        if self.state == VmState::Running {
+            return Ok(());
+        }
+        self.tell_vcpus(|| VcpuEvent::Resume, VcpuResponse::Resumed)?;
+        self.devices.kick_queues();
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// What the VM is doing.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+}
