@@ -1,11 +1,15 @@
 //! ACPI tables: RSDP, XSDT, FADT (+FACS, DSDT) and MADT.
 //!
 //! A full (not hardware-reduced) FADT with a PM1a event/control block on I/O ports, so a guest
-//! keeps its legacy ISA interrupts and can power off by writing SLP_TYP/SLP_EN, and the reset
-//! register for ACPI reboot. The DSDT holds only the `\_S5` sleep package.
+//! keeps its legacy ISA interrupts, can power off by writing SLP_TYP/SLP_EN and gets a fixed
+//! power button (PWRBTN_STS/PWRBTN_EN in PM1, signalled by the SCI), and the reset register
+//! for ACPI reboot. The DSDT, built with [`super::aml`], holds the `\_S5` sleep package and
+//! the ISA devices Linux should find through ACPI rather than by probing: the PS/2 keyboard
+//! controller (PNP0303), QEMU's pvpanic port (QEMU0001) and, when asked, COM1 (PNP0501).
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::aml::{self, AmlError, Expr, Resource, Term};
 use crate::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
 
 /// I/O ports the ACPI PM device answers on (the VMM emulates them).
@@ -28,6 +32,34 @@ pub const RESET_VALUE: u8 = 0x1;
 pub const SLP_TYP_S5: u16 = 5;
 /// SCI interrupt (ISA IRQ 9, as on PCs).
 pub const SCI_IRQ: u8 = 9;
+/// The pvpanic device's port (QEMU's ISA pvpanic default).
+pub const PVPANIC_PORT: u16 = 0x505;
+/// The PS/2 controller's data and command/status ports and its keyboard IRQ.
+const I8042_DATA: u16 = 0x60;
+const I8042_COMMAND: u16 = 0x64;
+const I8042_KBD_IRQ: u8 = 1;
+/// COM1's ports and IRQ.
+const COM1_PORT: u16 = 0x3f8;
+const COM1_IRQ: u8 = 4;
+
+/// What the DSDT describes besides the sleep states and the keyboard controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcpiOptions {
+    /// QEMU's pvpanic device (`QEMU0001`) at [`PVPANIC_PORT`]. On by default.
+    pub pvpanic: bool,
+    /// COM1 (`PNP0501`) at 0x3f8, IRQ 4. Off by default: Linux finds COM1 by probing its
+    /// legacy ports anyway, and the PNP driver would probe the console's UART once more.
+    pub com1: bool,
+}
+
+impl Default for AcpiOptions {
+    fn default() -> Self {
+        AcpiOptions {
+            pvpanic: true,
+            com1: false,
+        }
+    }
+}
 
 /// Errors writing the tables.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,6 +67,9 @@ pub enum AcpiError {
     /// The tables do not fit in the BIOS area.
     #[error("ACPI tables do not fit in guest memory")]
     Write,
+    /// The DSDT's AML cannot be encoded (a bug in what the DSDT asks for).
+    #[error("cannot encode the DSDT")]
+    Aml(#[source] AmlError),
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -86,25 +121,63 @@ fn gas_io(port: u16, bytes: u8) -> [u8; 12] {
     g
 }
 
-fn dsdt() -> Vec<u8> {
-    // Name (_S5, Package (4) { 5, 5, 0, 0 })
-    let s5 = [
-        0x08,
-        b'_',
-        b'S',
-        b'5',
-        b'_',
-        0x12,
-        0x08,
-        0x04,
-        0x0a,
-        SLP_TYP_S5 as u8,
-        0x0a,
-        SLP_TYP_S5 as u8,
-        0x00,
-        0x00,
-    ];
-    Sdt::new(b"DSDT", 2).bytes(&s5).finish()
+/// The body of an ISA device: `_HID`, `_UID` when given, and `_CRS` from `resources`.
+fn isa_device(hid: Expr, uid: Option<u64>, resources: Vec<Resource>) -> Vec<Term> {
+    let mut terms = vec![Term::name("_HID", hid)];
+    if let Some(uid) = uid {
+        terms.push(Term::name("_UID", Expr::Int(uid)));
+    }
+    terms.push(Term::name("_CRS", Expr::ResourceTemplate(resources)));
+    terms
+}
+
+fn dsdt_terms(opts: &AcpiOptions) -> Vec<Term> {
+    let s5 = u64::from(SLP_TYP_S5);
+    let mut devices = vec![Term::device(
+        "PS2K",
+        isa_device(
+            Expr::eisa_id("PNP0303"),
+            None,
+            vec![
+                Resource::io_fixed(I8042_DATA, 1),
+                Resource::io_fixed(I8042_COMMAND, 1),
+                Resource::IrqNoFlags(vec![I8042_KBD_IRQ]),
+            ],
+        ),
+    )];
+    if opts.pvpanic {
+        let mut terms = isa_device(
+            Expr::string("QEMU0001"),
+            None,
+            vec![Resource::io_fixed(PVPANIC_PORT, 1)],
+        );
+        // Present, enabled, shown in the UI, functioning.
+        terms.push(Term::method("_STA", 0, vec![Term::ret(Expr::Int(0x0f))]));
+        devices.push(Term::device("PEVT", terms));
+    }
+    if opts.com1 {
+        let terms = isa_device(
+            Expr::eisa_id("PNP0501"),
+            Some(1),
+            vec![
+                Resource::io_fixed(COM1_PORT, 8),
+                Resource::IrqNoFlags(vec![COM1_IRQ]),
+            ],
+        );
+        devices.push(Term::device("COM1", terms));
+    }
+    vec![
+        Term::name(
+            "_S5",
+            Expr::Package(vec![s5.into(), s5.into(), 0.into(), 0.into()]),
+        ),
+        Term::scope("\\_SB", devices),
+    ]
+}
+
+fn dsdt(opts: &AcpiOptions) -> Result<Vec<u8>, AcpiError> {
+    let body = aml::to_aml(&dsdt_terms(opts)).map_err(AcpiError::Aml)?;
+    Ok(Sdt::new(b"DSDT", 2).bytes(&body).finish())
 }
 
 fn facs() -> Vec<u8> {
@@ -114,6 +187,11 @@ fn facs() -> Vec<u8> {
     f[32] = 2; // version
     f
 }
+
+const FADT_WBINVD: u32 = 1 << 0;
+/// Set: the sleep button, if any, is a control-method device (we have none).
+const FADT_SLP_BUTTON: u32 = 1 << 5;
+const FADT_RESET_REG_SUP: u32 = 1 << 10;
 
 fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     let mut b = vec![0u8; 276 - 36];
@@ -132,10 +210,11 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
         109,
         &((1u16 << 0) | (1 << 1) | (1 << 2) | (1 << 4)).to_le_bytes(),
     );
-    // Flags: WBINVD, power and sleep buttons not fixed, reset register supported.
+    // Flags: WBINVD, PWR_BUTTON clear (the power button is the fixed-feature one in PM1),
+    // SLP_BUTTON set (no sleep button), reset register supported.
     put(
         112,
-        &((1u32 << 0) | (1 << 4) | (1 << 5) | (1 << 10)).to_le_bytes(),
+        &(FADT_WBINVD | FADT_SLP_BUTTON | FADT_RESET_REG_SUP).to_le_bytes(),
     );
     put(116, &gas_io(ports::RESET, 1));
     put(128, &[RESET_VALUE]);
@@ -184,12 +263,24 @@ fn align(addr: u64, to: u64) -> u64 {
     addr.div_ceil(to) * to
 }
 
-/// Writes all tables from [`ACPI_START`]; returns the RSDP's address.
+/// Writes all tables from [`ACPI_START`] with the default [`AcpiOptions`]; returns the RSDP's
+/// address.
 pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: u8, ioapic_id: u8) -> Result<u64, AcpiError> {
+    setup_acpi_with(mem, cpus, ioapic_id, &AcpiOptions::default())
+}
+
+/// Writes all tables from [`ACPI_START`], the DSDT describing what `opts` asks for; returns
+/// the RSDP's address.
+pub fn setup_acpi_with(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    ioapic_id: u8,
+    opts: &AcpiOptions,
+) -> Result<u64, AcpiError> {
     let rsdp_addr = ACPI_START;
     let facs_addr = align(rsdp_addr + 36, 64);
     let dsdt_addr = facs_addr + 64;
-    let dsdt = dsdt();
+    let dsdt = dsdt(opts)?;
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64, 8);
     let fadt = fadt(facs_addr, dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64, 8);
@@ -298,6 +389,113 @@ mod tests {
             off += t[off + 1] as usize;
         }
         assert_eq!((cpus, ioapics), (3, 1));
+    }
+
+    use crate::x86_64::aml::tests::walker::Walker;
+
+    fn dsdt_names(opts: &AcpiOptions) -> Vec<String> {
+        let t = dsdt(opts).unwrap();
+        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
+        Walker::walk(&t[36..]).unwrap()
+    }
+
+    #[test]
+    fn dsdt_parses_and_names_s5_keyboard_and_pvpanic_by_default() {
+        let names = dsdt_names(&AcpiOptions::default());
+        assert_eq!(
+            names,
+            [
+                "\\_S5_",
+                "\\_SB_.PS2K",
+                "\\_SB_.PS2K._HID",
+                "\\_SB_.PS2K._CRS",
+                "\\_SB_.PEVT",
+                "\\_SB_.PEVT._HID",
+                "\\_SB_.PEVT._CRS",
+                "\\_SB_.PEVT._STA",
+            ]
+        );
+    }
+
+    #[test]
+    fn pvpanic_can_be_left_out_and_com1_added() {
+        let names = dsdt_names(&AcpiOptions {
+            pvpanic: false,
+            com1: true,
+        });
+        assert!(!names.iter().any(|n| n.contains("PEVT")));
+        assert!(names.contains(&"\\_SB_.COM1._UID".to_string()));
+    }
+
+    #[test]
+    fn keyboard_resources_are_ports_60_and_64_and_irq_1() {
+        let t = dsdt(&AcpiOptions::default()).unwrap();
+        let crs = [
+            0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x01, 0x01, // IO 0x60
+            0x47, 0x01, 0x64, 0x00, 0x64, 0x00, 0x01, 0x01, // IO 0x64
+            0x22, 0x02, 0x00, // IRQNoFlags {1}
+        ];
+        assert!(t.windows(crs.len()).any(|w| w == crs));
+        let hid = [b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x03, 0x03];
+        assert!(t.windows(hid.len()).any(|w| w == hid));
+    }
+
+    #[test]
+    fn pvpanic_resource_is_one_port_at_0x505() {
+        let t = dsdt(&AcpiOptions::default()).unwrap();
+        let crs = [0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01, 0x79];
+        assert!(t.windows(crs.len()).any(|w| w == crs));
+        assert!(t.windows(10).any(|w| w == b"\x0dQEMU0001\x00"));
+    }
+
+    #[test]
+    fn fadt_has_a_fixed_power_button_and_no_sleep_button() {
+        // Set: the power button, if any, is a control-method device; clear: the fixed one.
+        const FADT_PWR_BUTTON: u32 = 1 << 4;
+        let f = fadt(0x1000, 0x2000);
+        let flags = u32::from_le_bytes(f[112..116].try_into().unwrap());
+        assert_eq!(flags & FADT_PWR_BUTTON, 0);
+        assert_ne!(flags & FADT_SLP_BUTTON, 0);
+        // PM1 event block: 4 bytes, status then enable, on the PM ports.
+        assert_eq!(f[88], 4);
+        assert_eq!(u64_at(&f, 148 + 4), u64::from(ports::PM1A_EVT));
+    }
+
+    /// Each table of a 4-CPU machine, by signature.
+    fn all_tables() -> Vec<([u8; 4], Vec<u8>)> {
+        let m = mem();
+        let rsdp = read(&m, setup_acpi(&m, 4, 4).unwrap(), 36);
+        let xsdt = table(&m, u64_at(&rsdp, 24));
+        let fadt = table(&m, u64_at(&xsdt, 36));
+        let madt = table(&m, u64_at(&xsdt, 44));
+        let dsdt = table(&m, u64_at(&fadt, 140));
+        let facs = read(&m, u64_at(&fadt, 132), 64);
+        [rsdp, xsdt, fadt, madt, dsdt, facs]
+            .into_iter()
+            .map(|t| (t[0..4].try_into().unwrap(), t))
+            .collect()
+    }
+
+    #[test]
+    #[ignore = "needs iasl from acpica-tools"]
+    fn iasl_disassembles_every_table_without_complaint() {
+        let dir = tempfile::tempdir().unwrap();
+        // iasl does not read a bare RSDP (no table header); its checksums are tested above.
+        for (sig, t) in all_tables().into_iter().filter(|(sig, _)| sig != b"RSD ") {
+            let name = format!("{}.dat", String::from_utf8_lossy(&sig).trim());
+            std::fs::write(dir.path().join(&name), &t).unwrap();
+            if let Ok(keep) = std::env::var("EMBER_ACPI_DUMP") {
+                std::fs::write(std::path::Path::new(&keep).join(&name), &t).unwrap();
+            }
+            crate::x86_64::aml::tests::iasl(dir.path(), &["-d", &name]);
+            let dsl = std::fs::read_to_string(dir.path().join(name.replace(".dat", ".dsl")));
+            let dsl = dsl.unwrap();
+            for bad in ["Incorrect", "Invalid", "Warning", "Error"] {
+                assert!(!dsl.contains(bad), "{name}:\n{dsl}");
+            }
+        }
+        // The disassembled DSDT compiles back.
+        crate::x86_64::aml::tests::iasl(dir.path(), &["-p", "again", "DSDT.dsl"]);
     }
 
     #[test]

@@ -1171,4 +1171,4 @@ fn resource_template(res: &[Resource]) -> Result<Vec<u8>, AmlError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

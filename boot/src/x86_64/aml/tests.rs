@@ -1120,7 +1120,7 @@ fn kitchen_sink_walks_cleanly() {
 
 /// Runs `iasl` with `args` in `dir`; returns its output, failing the test on any error,
 /// warning or remark.
-fn iasl(dir: &std::path::Path, args: &[&str]) -> String {
+pub(crate) fn iasl(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("iasl")
         .args(args)
         .current_dir(dir)
