@@ -243,6 +243,20 @@ pub(crate) mod walker {
                     self.enter(&abs, end)
                 }
                 0x5b => self.ext_object(),
+                b'\\' | b'^' | b'_' | b'A'..=b'Z' | 0x2e | 0x2f => {
+                    self.pos = at;
+                    let n = self.name_string()?;
+                    let seg = n.rsplit(['.', '\\', '^']).next().unwrap_or("");
+                    let argc = self.methods.get(seg).copied().unwrap_or(0);
+                    self.args(usize::from(argc))
+                }
+                _ => self.operator(op, at),
+            }
+        }
+
+        /// Locals, args and the operators with fixed operand shapes.
+        fn operator(&mut self, op: u8, at: usize) -> R<()> {
+            match op {
                 0x60..=0x6e => Ok(()),
                 0x70 | 0x96 => self.object().and_then(|_| self.target()),
                 0x72 | 0x74 | 0x77 | 0x79 | 0x7a | 0x7b | 0x7d | 0x7f | 0x88 => {
@@ -267,13 +281,6 @@ pub(crate) mod walker {
                 0xa1 => {
                     let end = self.pkg_end()?;
                     self.term_list(end)
-                }
-                b'\\' | b'^' | b'_' | b'A'..=b'Z' | 0x2e | 0x2f => {
-                    self.pos = at;
-                    let n = self.name_string()?;
-                    let seg = n.rsplit(['.', '\\', '^']).next().unwrap_or("");
-                    let argc = self.methods.get(seg).copied().unwrap_or(0);
-                    self.args(usize::from(argc))
                 }
                 _ => Err(format!("unknown opcode {op:#04x} at {at}")),
             }
@@ -941,7 +948,6 @@ fn walker_rejects_a_package_length_that_is_off_by_one() {
 
 // ---- Against the reference compiler ----
 
-/// The same definitions as `kitchen_sink.asl`, built with this module.
 fn range<T: Default>(usage: Usage, min: T, max: T) -> AddressRange<T> {
     AddressRange {
         usage,
@@ -951,8 +957,9 @@ fn range<T: Default>(usage: Usage, min: T, max: T) -> AddressRange<T> {
     }
 }
 
-fn kitchen_sink() -> Vec<Term> {
-    let crs = Expr::ResourceTemplate(vec![
+/// The `_CRS` of `kitchen_sink.asl`: one of each resource descriptor.
+fn kitchen_sink_crs() -> Expr {
+    Expr::ResourceTemplate(vec![
         Resource::io_fixed(0x60, 1),
         Resource::IrqNoFlags(vec![1]),
         Resource::Interrupt {
@@ -979,12 +986,14 @@ fn kitchen_sink() -> Vec<Term> {
             cacheable: Cacheable::Prefetchable,
             writeable: false,
         },
-    ]);
-    let store = |e, l| Term::store(e, Target::Local(l));
-    let bin = |op, a, b| Expr::binary(op, a, b, Target::Null);
-    let device = vec![
+    ])
+}
+
+/// The named data, regions and fields of DEV0 in `kitchen_sink.asl`.
+fn kitchen_sink_data() -> Vec<Term> {
+    vec![
         Term::name("_HID", Expr::eisa_id("PNP0A03")),
-        Term::name("_CRS", crs),
+        Term::name("_CRS", kitchen_sink_crs()),
         Term::OpRegion {
             name: "REG0".into(),
             space: RegionSpace::PciConfig,
@@ -1028,6 +1037,14 @@ fn kitchen_sink() -> Vec<Term> {
             "PKG0",
             Expr::Package(vec![Expr::string("QEMU0001"), Expr::path("\\_SB.DEV0")]),
         ),
+    ]
+}
+
+/// The methods of DEV0 in `kitchen_sink.asl`.
+fn kitchen_sink_methods() -> Vec<Term> {
+    let store = |e, l| Term::store(e, Target::Local(l));
+    let bin = |op, a, b| Expr::binary(op, a, b, Target::Null);
+    vec![
         Term::serialized_method(
             "ADD2",
             2,
@@ -1096,7 +1113,13 @@ fn kitchen_sink() -> Vec<Term> {
                 Term::ret(bin(BinaryOp::Add, Expr::Local(1), Expr::Local(2))),
             ],
         ),
-    ];
+    ]
+}
+
+/// The same definitions as `kitchen_sink.asl`, built with this module.
+fn kitchen_sink() -> Vec<Term> {
+    let mut device = kitchen_sink_data();
+    device.extend(kitchen_sink_methods());
     vec![
         Term::name(
             "_S5",
