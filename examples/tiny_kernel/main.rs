@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --example tiny_kernel -- write tiny.elf      # just write the ELF
 //! cargo build && cargo run --example tiny_kernel -- run exit=16   # boot it, show the status
+//! cargo run --example tiny_kernel -- run count=20 dirty=64   # 20 ticks, 64 KiB stored each
 //! ```
 //!
 //! A CI system boot-tests a kernel the same way: the guest reports through the debug-exit
