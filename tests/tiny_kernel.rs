@@ -315,3 +315,207 @@ fn each_vcpu_has_a_named_thread_and_sigusr1_reports_them() {
     assert!(stderr.contains("vCPU 2: waiting for INIT"), "{stderr}");
     assert!(stderr.contains("stopped by signal 15"), "{stderr}");
 }
+
+/// What [`timed_lines`] saw: ember's exit status, its stdout lines with the time each
+/// arrived, and its stderr.
+struct TimedRun {
+    status: std::process::ExitStatus,
+    lines: Vec<(Instant, String)>,
+    stderr: String,
+}
+
+impl TimedRun {
+    /// The `tick N` lines, in order, with their arrival times.
+    fn ticks(&self) -> Vec<(Instant, &str)> {
+        self.lines
+            .iter()
+            .filter(|(_, l)| l.starts_with("tick "))
+            .map(|(t, l)| (*t, l.as_str()))
+            .collect()
+    }
+}
+
+/// Runs `cmd` and timestamps each stdout line as it arrives, until ember exits or
+/// `on_line` (given ember's process and the line) returns true: then ember gets SIGTERM.
+/// Fails the test after `limit`.
+fn timed_lines(
+    mut cmd: Command,
+    mut on_line: impl FnMut(&std::process::Child, &str) -> bool,
+    limit: Duration,
+) -> TimedRun {
+    use std::io::BufRead;
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let end = Instant::now() + limit;
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let done = on_line(&child, &line.1);
+                lines.push(line);
+                if done {
+                    signal(&child, libc::SIGTERM);
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ember did not finish within {limit:?}: {lines:?}");
+            }
+        }
+    }
+    let status = wait_deadline(&mut child, LIMIT).expect("ember exits");
+    let stderr = err.join().unwrap();
+    TimedRun {
+        status,
+        lines,
+        stderr,
+    }
+}
+
+fn tick_names(n: u32) -> Vec<String> {
+    (1..=n).map(|i| format!("tick {i}")).collect()
+}
+
+#[test]
+fn count_n_prints_ticks_1_to_n_in_order_then_powers_off() {
+    let t = tiny();
+    let r = timed_lines(ember_tiny(&t, "count=5", &[]), |_, _| false, LIMIT);
+    assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+    let ticks: Vec<&str> = r.ticks().iter().map(|(_, l)| *l).collect();
+    assert_eq!(ticks, tick_names(5));
+    assert_eq!(r.lines.last().unwrap().1, "tiny: powering off");
+}
+
+#[test]
+fn ticks_are_about_100_ms_of_wall_time_apart() {
+    let t = tiny();
+    let r = timed_lines(ember_tiny(&t, "count=5", &[]), |_, _| false, LIMIT);
+    assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+    let ticks = r.ticks();
+    assert_eq!(ticks.len(), 5, "{:?}", r.lines);
+    // Four periods of 100 ms; loose bounds: a sanity check, not a benchmark.
+    let span = ticks[4].0 - ticks[0].0;
+    assert!(
+        span >= Duration::from_millis(300) && span <= Duration::from_secs(3),
+        "tick 1 to tick 5 took {span:?}"
+    );
+}
+
+#[test]
+fn count_forever_with_dirty_memory_still_ticks_on_time() {
+    let t = tiny();
+    // dirty= before count: the kernel looks it up on the whole line.
+    let r = timed_lines(
+        ember_tiny(&t, "dirty=64 count", &[]),
+        |_, l| l == "tick 4",
+        LIMIT,
+    );
+    assert_eq!(r.status.code(), Some(128 + libc::SIGTERM), "{}", r.stderr);
+    let ticks = r.ticks();
+    let names: Vec<&str> = ticks.iter().map(|(_, l)| *l).collect();
+    assert_eq!(names, tick_names(4));
+    let span = ticks[3].0 - ticks[0].0;
+    assert!(
+        span >= Duration::from_millis(200) && span <= Duration::from_secs(3),
+        "tick 1 to tick 4 took {span:?}"
+    );
+}
+
+#[test]
+fn count_goes_on_at_the_next_tick_after_the_vm_was_stopped() {
+    let t = tiny();
+    let mut resumed = None;
+    // SIGSTOP freezes the VMM while the TSC runs on: the guest sees it jump by 1 s.
+    let r = timed_lines(
+        ember_tiny(&t, "count", &[]),
+        |child, l| {
+            if l == "tick 2" {
+                signal(child, libc::SIGSTOP);
+                std::thread::sleep(Duration::from_secs(1));
+                resumed = Some(Instant::now());
+                signal(child, libc::SIGCONT);
+            }
+            l == "tick 4"
+        },
+        LIMIT,
+    );
+    assert_eq!(r.status.code(), Some(128 + libc::SIGTERM), "{}", r.stderr);
+    let ticks = r.ticks();
+    let names: Vec<&str> = ticks.iter().map(|(_, l)| *l).collect();
+    assert_eq!(names, tick_names(4), "no restart, skip or repeat");
+    let resumed = resumed.unwrap();
+    let first_after = ticks[2].0.saturating_duration_since(resumed);
+    assert!(
+        first_after < Duration::from_millis(500),
+        "tick 3 came {first_after:?} after the VMM went on"
+    );
+    // A deadline taken from the TSC after the jump: no burst of catch-up ticks.
+    let gap = ticks[3].0 - ticks[2].0;
+    assert!(
+        gap >= Duration::from_millis(50),
+        "tick 3 to tick 4: {gap:?}"
+    );
+}
+
+/// User plus system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn idle_guest_costs_the_host_no_cpu() {
+    let t = tiny();
+    let mut child = ember_tiny(&t, "idle", &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("tiny: idle\n") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "output ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(child.id()) - before;
+    assert!(child.try_wait().unwrap().is_none(), "idle guest stopped");
+    // Clock ticks are 10 ms: 2 s of a busy vCPU would be ~200.
+    assert!(
+        used <= 5,
+        "ember used {used} clock ticks of CPU in 2 s idle"
+    );
+    signal(&child, libc::SIGTERM);
+    let status = wait_deadline(&mut child, LIMIT).expect("exits on SIGTERM");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+}
