@@ -509,13 +509,17 @@ fn idle_guest_costs_the_host_no_cpu() {
     let before = cpu_ticks(child.id());
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu_ticks(child.id()) - before;
-    assert!(child.try_wait().unwrap().is_none(), "idle guest stopped");
+    // Stopped before asserting, so a failure leaves no VM running.
+    signal(&child, libc::SIGTERM);
+    let status = wait_deadline(&mut child, LIMIT).expect("exits on SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "idle guest stopped"
+    );
     // Clock ticks are 10 ms: 2 s of a busy vCPU would be ~200.
     assert!(
         used <= 5,
         "ember used {used} clock ticks of CPU in 2 s idle"
     );
-    signal(&child, libc::SIGTERM);
-    let status = wait_deadline(&mut child, LIMIT).expect("exits on SIGTERM");
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
 }
