@@ -46,6 +46,8 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     /// Number of vCPUs.
     pub cpus: u8,
+    /// Whether the ACPI tables describe the pvpanic device.
+    pub pvpanic: bool,
 }
 
 /// Where the boot vCPU starts.
@@ -68,7 +70,11 @@ pub fn configure_system(mem: &GuestMemoryMmap, spec: BootSpec) -> Result<BootSta
     };
     x86_64::mptable::setup_mptable(mem, spec.cpus)?;
     let ioapic_id = x86_64::mptable::ioapic_id(spec.cpus);
-    let rsdp = x86_64::acpi::setup_acpi(mem, spec.cpus, ioapic_id)?;
+    let acpi = x86_64::acpi::AcpiOptions {
+        pvpanic: spec.pvpanic,
+        ..Default::default()
+    };
+    let rsdp = x86_64::acpi::setup_acpi_with(mem, spec.cpus, ioapic_id, &acpi)?;
     match kernel.entry {
         EntryPoint::Linux64(_) => {
             loader::write_zero_page(mem, &kernel, initrd, spec.cmdline.len(), rsdp)?

@@ -295,6 +295,7 @@ impl Vmm {
                 initrd: initrd.as_mut(),
                 cmdline: &cmdline,
                 cpus: self.config.cpus.boot,
+                pvpanic: self.config.pvpanic,
             },
         )?;
         self.vcpus[0].set_boot_entry(&boot_state)?;
@@ -334,7 +335,7 @@ impl Vmm {
             .outcome()
             .unwrap_or_else(|| Outcome::Crash("the VM stopped without a reason".into()));
         Ok(match outcome {
-            Outcome::PowerOff if self.restart_on_poweroff => Outcome::Restart,
+            Outcome::PowerOff | Outcome::Reset if self.restart_on_poweroff => Outcome::Restart,
             other => other,
         })
     }

@@ -18,9 +18,14 @@ jobs=$(nproc)
 log() { echo "guest-kit: $*" >&2; }
 die() { echo "guest-kit: error: $*" >&2; exit 1; }
 
+# Everything the README's test command needs on a fresh Debian 12 machine comes from here:
+# the kit's build tools, and what the tests drive (iproute2, iptables and dnsmasq for the
+# network tests, e2fsprogs to read guest disks back, qemu-img as the disk tests' reference —
+# installed only when missing, the machine may carry a newer one than Debian's).
 install_packages() {
 	local pkgs=(linux-source-6.1 build-essential flex bison bc libelf-dev cpio lz4
-		busybox-static e2fsprogs xz-utils)
+		busybox-static e2fsprogs xz-utils pkg-config iproute2 iptables dnsmasq-base)
+	command -v qemu-img >/dev/null || pkgs+=(qemu-utils)
 	local missing=()
 	for p in "${pkgs[@]}"; do
 		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
