@@ -6,11 +6,14 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{features, status, VirtioDevice, VirtioInterrupt};
+use super::queue::{check_layout, QueueConfig, QueueSetupError};
+use super::{
+    error_chain, features, status, ActivateError, RateLimitedLog, VirtioDevice, VirtioInterrupt,
+};
 use crate::bus::BusDevice;
 
 /// "virt"
@@ -29,14 +32,16 @@ pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     interrupt: Arc<VirtioInterrupt>,
     mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
+    queues: Vec<QueueConfig>,
     queue_evts: Vec<EventFd>,
     queue_select: u32,
     device_features_select: u32,
     driver_features_select: u32,
     driver_features: u64,
+    /// Status as the driver wrote it; DEVICE_NEEDS_RESET comes from `interrupt`.
     status: u32,
     config_generation: u32,
+    log: RateLimitedLog,
 }
 
 impl MmioTransport {
@@ -50,7 +55,7 @@ impl MmioTransport {
         let queues = lock(&device)
             .queue_max_sizes()
             .iter()
-            .filter_map(|max| Queue::new(*max).ok())
+            .map(|max| QueueConfig::new(*max))
             .collect();
         MmioTransport {
             device,
@@ -64,10 +69,11 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             config_generation: 0,
+            log: RateLimitedLog::new(),
         }
     }
 
-    fn queue(&mut self) -> Option<&mut Queue> {
+    fn queue(&mut self) -> Option<&mut QueueConfig> {
         self.queues.get_mut(self.queue_select as usize)
     }
 
@@ -76,15 +82,25 @@ impl MmioTransport {
         self.status & status::DRIVER_OK == 0 && self.status & status::FEATURES_OK != 0
     }
 
+    /// Driver reset. Only state changes here (this is a vCPU thread); then every queue's
+    /// eventfd is signalled so the device's event-loop side can finish what the reset left
+    /// owed (virtio-blk flushes there).
     fn reset(&mut self) {
         lock(&self.device).reset();
         for q in &mut self.queues {
-            q.reset();
+            *q = QueueConfig::new(q.max_size);
         }
         self.status = 0;
         self.driver_features = 0;
         self.queue_select = 0;
-        self.interrupt.ack(u32::MAX);
+        self.interrupt.reset();
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = evt.write(1) {
+                self.log.warn(format_args!(
+                    "virtio-mmio: cannot wake queue {i} after a reset: {e}"
+                ));
+            }
+        }
     }
 
     fn set_status(&mut self, value: u32) {
@@ -92,6 +108,8 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is the device's to set, not the driver's.
+        let value = value & !status::DEVICE_NEEDS_RESET;
         let newly = value & !self.status;
         if newly & status::FEATURES_OK != 0 {
             let offered = lock(&self.device).features();
@@ -103,10 +121,6 @@ impl MmioTransport {
                 return;
             }
             lock(&self.device).ack_features(self.driver_features);
-            let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
-            for q in &mut self.queues {
-                q.set_event_idx(event_idx);
-            }
         }
         self.status = value;
         if newly & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 {
@@ -114,25 +128,34 @@ impl MmioTransport {
         }
     }
 
+    /// The driver's queues, checked; the device is started only if all are usable.
     fn activate(&mut self) {
-        for (i, q) in self.queues.iter().enumerate() {
-            if !q.ready() || !q.is_valid(&self.mem) {
-                log::warn!("virtio-mmio: queue {i} is not ready or not valid at DRIVER_OK");
-                self.fail();
-                return;
-            }
-        }
-        let queues = self.queues.iter().map(copy_queue).collect();
-        let result = lock(&self.device).activate(self.mem.clone(), queues, self.interrupt.clone());
+        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.build(i, &self.mem, event_idx))
+            .collect::<Result<Vec<Queue>, QueueSetupError>>()
+            .and_then(|q| check_layout(&self.queues).map(|()| q))
+            .map_err(ActivateError::BadQueue);
+        let result = queues
+            .and_then(|q| lock(&self.device).activate(self.mem.clone(), q, self.interrupt.clone()));
         if let Err(e) = result {
-            log::warn!("virtio-mmio: cannot activate the device: {e}");
-            self.fail();
+            self.log.warn(format_args!(
+                "virtio-mmio: device not started at DRIVER_OK, it needs a reset: {}",
+                error_chain(&e)
+            ));
+            self.interrupt.signal_needs_reset();
         }
     }
 
-    fn fail(&mut self) {
-        self.status |= status::DEVICE_NEEDS_RESET;
-        self.interrupt.signal_config_change();
+    fn status_register(&self) -> u32 {
+        if self.interrupt.needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
@@ -149,10 +172,10 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            0x34 => self.queue().map_or(0, |q| u32::from(q.max_size())),
-            0x44 => self.queue().map_or(0, |q| u32::from(q.ready())),
+            0x34 => self.queue().map_or(0, |q| u32::from(q.max_size)),
+            0x44 => self.queue().map_or(0, |q| u32::from(q.ready)),
             0x60 => self.interrupt.status(),
-            0x70 => self.status,
+            0x70 => self.status_register(),
             0xfc => self.config_generation,
             _ => 0,
         }
@@ -160,78 +183,52 @@ impl MmioTransport {
 
     fn write_register(&mut self, offset: u64, value: u32) {
         let allowed = self.queue_config_allowed();
-        let set_half = |old: u64, high: bool| -> u64 {
-            if high {
-                (old & 0xffff_ffff) | (u64::from(value) << 32)
-            } else {
-                (old & !0xffff_ffff) | u64::from(value)
-            }
-        };
         match offset {
             0x14 => self.device_features_select = value,
             0x20 => match self.driver_features_select {
-                0 => self.driver_features = set_half(self.driver_features, false),
-                1 => self.driver_features = set_half(self.driver_features, true),
+                0 => QueueConfig::set_half(&mut self.driver_features, value, false),
+                1 => QueueConfig::set_half(&mut self.driver_features, value, true),
                 _ => {}
             },
             0x24 => self.driver_features_select = value,
             0x30 => self.queue_select = value,
             0x38 if allowed => {
                 if let Some(q) = self.queue() {
-                    q.set_size(value as u16);
+                    q.size = value;
                 }
             }
             0x44 if allowed => {
                 if let Some(q) = self.queue() {
-                    q.set_ready(value == 1);
+                    q.ready = value == 1;
                 }
             }
             QUEUE_NOTIFY => {
                 // Reached only without an ioeventfd match: signal the same eventfd.
                 if let Some(evt) = self.queue_evts.get(value as usize) {
                     if let Err(e) = evt.write(1) {
-                        log::warn!("virtio-mmio: cannot signal queue {value}: {e}");
+                        self.log.warn(format_args!(
+                            "virtio-mmio: cannot signal queue {value}: {e}"
+                        ));
                     }
                 }
             }
             0x64 => self.interrupt.ack(value),
             0x70 => self.set_status(value),
+            // Addresses are kept as written and checked at DRIVER_OK.
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if allowed => {
-                let (lo, hi) = if offset & 4 == 0 {
-                    (Some(value), None)
-                } else {
-                    (None, Some(value))
-                };
+                let high = offset & 4 != 0;
                 if let Some(q) = self.queue() {
-                    match offset & !4 {
-                        0x80 => q.set_desc_table_address(lo, hi),
-                        0x90 => q.set_avail_ring_address(lo, hi),
-                        _ => q.set_used_ring_address(lo, hi),
-                    }
+                    let reg = match offset & !4 {
+                        0x80 => &mut q.desc_table,
+                        0x90 => &mut q.avail_ring,
+                        _ => &mut q.used_ring,
+                    };
+                    QueueConfig::set_half(reg, value, high);
                 }
             }
             _ => log::debug!("virtio-mmio: write of {value:#x} to {offset:#x} ignored"),
         }
     }
-}
-
-/// A queue with the same configuration (Queue is not Clone).
-fn copy_queue(q: &Queue) -> Queue {
-    let mut c = Queue::new(q.max_size()).unwrap_or_else(|_| {
-        // max_size came from a Queue that accepted it: this cannot fail.
-        unreachable!("queue max size was valid")
-    });
-    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-    c.set_size(q.size());
-    let (lo, hi) = split(q.desc_table());
-    c.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(q.avail_ring());
-    c.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(q.used_ring());
-    c.set_used_ring_address(lo, hi);
-    c.set_event_idx(q.event_idx_enabled());
-    c.set_ready(q.ready());
-    c
 }
 
 fn lock(d: &Arc<Mutex<dyn VirtioDevice>>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -269,6 +266,7 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::test_utils::CountingInterrupt;
+    use crate::virtio::INT_CONFIG;
     use vm_memory::GuestAddress;
 
     #[derive(Default)]
@@ -276,6 +274,7 @@ mod tests {
         acked: u64,
         activated: usize,
         resets: usize,
+        interrupt: Option<Arc<VirtioInterrupt>>,
     }
 
     impl VirtioDevice for Dummy {
@@ -299,9 +298,10 @@ mod tests {
             &mut self,
             _: GuestMemoryMmap,
             q: Vec<Queue>,
-            _: Arc<VirtioInterrupt>,
+            interrupt: Arc<VirtioInterrupt>,
         ) -> Result<(), super::super::ActivateError> {
             self.activated = q.len();
+            self.interrupt = Some(interrupt);
             Ok(())
         }
         fn reset(&mut self) {
@@ -335,6 +335,113 @@ mod tests {
         wr(t, 0x90, 0x2000);
         wr(t, 0xa0, 0x3000);
         wr(t, 0x44, 1);
+    }
+
+    /// Negotiates VERSION_1 up to FEATURES_OK.
+    fn features_ok(t: &mut MmioTransport) {
+        wr(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, 0x24, 1);
+        wr(t, 0x20, 1);
+        wr(
+            t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+    }
+
+    const ALL_OK: u32 =
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    /// Sets up the queue, applies `tweak` (register, value), and writes DRIVER_OK.
+    fn start_with(tweak: Option<(u64, u32)>) -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let (mut t, dev, _) = transport();
+        features_ok(&mut t);
+        setup_queue(&mut t);
+        if let Some((reg, value)) = tweak {
+            wr(&mut t, reg, value);
+        }
+        wr(&mut t, 0x70, ALL_OK);
+        (t, dev)
+    }
+
+    fn assert_refused(tweak: (u64, u32)) {
+        let (mut t, dev) = start_with(Some(tweak));
+        assert_eq!(dev.lock().unwrap().activated, 0, "{tweak:x?} was accepted");
+        assert_ne!(rd(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        assert_ne!(rd(&mut t, 0x60) & INT_CONFIG, 0);
+    }
+
+    #[test]
+    fn well_formed_queues_start_the_device() {
+        let (mut t, dev) = start_with(None);
+        assert_eq!(dev.lock().unwrap().activated, 1);
+        assert_eq!(rd(&mut t, 0x70), ALL_OK);
+    }
+
+    #[test]
+    fn unaligned_ring_addresses_are_refused_at_driver_ok() {
+        assert_refused((0x80, 0x1008));
+        assert_refused((0x90, 0x2001));
+        assert_refused((0xa0, 0x3002));
+    }
+
+    #[test]
+    fn an_available_ring_at_address_zero_is_refused_at_driver_ok() {
+        assert_refused((0x90, 0));
+    }
+
+    #[test]
+    fn bad_queue_sizes_are_refused_at_driver_ok() {
+        assert_refused((0x38, 3));
+        assert_refused((0x38, 32)); // above QueueNumMax
+        assert_refused((0x38, 0x1_0010)); // 16 once truncated to 16 bits
+    }
+
+    #[test]
+    fn a_used_ring_over_the_available_ring_is_refused_at_driver_ok() {
+        assert_refused((0xa0, 0x2000));
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_are_refused_at_driver_ok() {
+        assert_refused((0x84, 1)); // descriptor table above 4 GiB
+    }
+
+    #[test]
+    fn device_needing_reset_shows_in_status_until_the_driver_resets() {
+        let (mut t, dev) = start_with(None);
+        let irq = dev.lock().unwrap().interrupt.clone().unwrap();
+
+        irq.signal_needs_reset();
+
+        assert_eq!(rd(&mut t, 0x70), ALL_OK | status::DEVICE_NEEDS_RESET);
+        assert_ne!(rd(&mut t, 0x60) & INT_CONFIG, 0);
+        wr(&mut t, 0x70, 0);
+        assert_eq!(rd(&mut t, 0x70), 0);
+        assert_eq!(rd(&mut t, 0x60), 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        features_ok(&mut t);
+        setup_queue(&mut t);
+        wr(&mut t, 0x70, ALL_OK);
+        assert_eq!(rd(&mut t, 0x70), ALL_OK);
+    }
+
+    #[test]
+    fn the_driver_cannot_set_device_needs_reset() {
+        let (mut t, _, _) = transport();
+        wr(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DEVICE_NEEDS_RESET,
+        );
+        assert_eq!(rd(&mut t, 0x70), status::ACKNOWLEDGE);
+    }
+
+    #[test]
+    fn a_driver_reset_wakes_every_queue_for_the_event_loop() {
+        let (mut t, _, evt) = transport();
+        wr(&mut t, 0x70, 0);
+        assert_eq!(evt.read().unwrap(), 1);
     }
 
     #[test]

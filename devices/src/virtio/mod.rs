@@ -6,10 +6,11 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod queue;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,10 +53,13 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
 }
 
-/// Interrupt status of a virtio-mmio device, shared by the transport (which reads and
-/// acknowledges it on vCPU threads) and the device (which raises it on the event loop).
+/// What a device and its transport share: the interrupt status, which the transport reads
+/// and acknowledges on vCPU threads and the device raises on the event loop, and the
+/// "needs reset" state (virtio 1.x 2.1.2), which the device (or the transport, refusing
+/// DRIVER_OK) sets, the transport reports as DEVICE_NEEDS_RESET, and a driver reset clears.
 pub struct VirtioInterrupt {
     status: AtomicU32,
+    needs_reset: AtomicBool,
     line: Arc<dyn Interrupt>,
 }
 
@@ -69,6 +73,7 @@ impl VirtioInterrupt {
     pub fn new(line: Arc<dyn Interrupt>) -> Self {
         VirtioInterrupt {
             status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
             line,
         }
     }
@@ -99,14 +104,34 @@ impl VirtioInterrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// The device cannot go on until the driver resets it: DEVICE_NEEDS_RESET is reported
+    /// from now on, and the driver gets a configuration-change interrupt (once).
+    pub fn signal_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.raise(INT_CONFIG);
+        }
+    }
+
+    /// Whether the device needs a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Driver reset (by the transport, after the device's own reset): no interrupt pending,
+    /// no reset needed.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     /// The driver set up a queue the device cannot use.
-    #[error("queue {0} is not usable: {1}")]
-    BadQueue(usize, &'static str),
+    #[error("queue setup refused")]
+    BadQueue(#[source] queue::QueueSetupError),
     /// Wrong number of queues.
     #[error("{got} queues given, {want} expected")]
     QueueCount {
@@ -131,7 +156,8 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device with the driver's queues.
+    /// Starts the device with the driver's queues (checked by [`queue::QueueConfig::build`]
+    /// and [`queue::check_layout`]). Runs on a vCPU thread.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
@@ -139,6 +165,10 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError>;
     /// Stops the device (driver reset): queues are dropped, features forgotten.
+    ///
+    /// Runs on a vCPU thread, so it only changes state: no disk or tap I/O. Work a reset
+    /// leaves owed (a flush) is done by the device's event-loop side, which the transport
+    /// wakes by signalling every queue's notifier right after this returns.
     fn reset(&mut self);
 }
 
@@ -153,6 +183,18 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
             .copied()
             .unwrap_or(0);
     }
+}
+
+/// `err` and its causes, joined by ": " (to print a whole chain once).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Logs guest mistakes at most once per second, counting what it held back.

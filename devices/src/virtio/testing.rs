@@ -1,7 +1,9 @@
-//! A split virtqueue in mock guest memory, driven from tests as a guest driver would.
+//! A split virtqueue in test guest memory, driven from tests as a guest driver would.
 
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Descriptor flag: another follows.
@@ -12,6 +14,7 @@ pub const F_WRITE: u16 = 2;
 pub const F_INDIRECT: u16 = 4;
 
 /// The driver side of one queue.
+#[derive(Clone)]
 pub struct GuestQueue {
     /// The guest memory the queue lives in.
     pub mem: GuestMemoryMmap,
@@ -25,20 +28,46 @@ pub struct GuestQueue {
 }
 
 impl GuestQueue {
-    /// A queue of `size` entries at `at`; returns it and the device's Queue for it.
+    /// A queue of `size` entries laid out from `at` as a driver would (descriptor table,
+    /// available ring, used ring, each aligned); returns it and the device's Queue for it.
+    ///
+    /// Not `virtio_queue::mock::MockSplitQueue`'s layout: in virtio-queue 0.18 it ends the
+    /// available ring `size` bytes after its entries start instead of `2 * size`, so its used
+    /// ring overlaps the second half of the available ring.
     pub fn new(mem: &GuestMemoryMmap, at: u64, size: u16) -> (Self, Queue) {
-        let mq = MockSplitQueue::create(mem, GuestAddress(at), size);
-        let q: Queue = mq.create_queue().unwrap();
+        let avail = at + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4);
+        Self::at(mem, at, avail, used, size)
+    }
+
+    /// A queue of `size` entries with its three parts where the caller says, unchecked (an
+    /// available ring at 0, parts overlapping: what a hostile driver may set up when no
+    /// transport checks it). Addresses must still meet virtio-queue's alignment.
+    pub fn at(mem: &GuestMemoryMmap, desc: u64, avail: u64, used: u64, size: u16) -> (Self, Queue) {
+        let mut q = Queue::new(size).unwrap();
+        q.try_set_size(size).unwrap();
+        q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+        q.set_ready(true);
         let g = GuestQueue {
             mem: mem.clone(),
-            desc_table: mq.desc_table_addr().0,
-            avail: mq.avail_addr().0,
-            used: mq.used_addr().0,
+            desc_table: desc,
+            avail,
+            used,
             size,
             next_desc: 0,
             avail_idx: 0,
         };
         (g, q)
+    }
+
+    /// Writes avail.idx directly (what a hostile driver may do).
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.mem
+            .write_obj(idx, GuestAddress(self.avail + 2))
+            .unwrap();
     }
 
     /// Writes a descriptor; returns its index.
@@ -59,7 +88,7 @@ impl GuestQueue {
         for (k, (addr, len, w)) in parts.iter().enumerate() {
             let last = k + 1 == parts.len();
             let flags = if *w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            self.desc(*addr, *len, flags, first + k as u16 + 1);
+            self.desc(*addr, *len, flags, (first + k as u16 + 1) % self.size);
         }
         self.publish(first);
         first
@@ -97,5 +126,21 @@ impl GuestQueue {
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+}
+
+/// Runs `f` on another thread and returns its result, or fails the test if it takes more
+/// than `secs` seconds: a device loop that never ends fails the test instead of hanging it.
+pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("did not return within {secs} s (a loop without progress?)")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the checked code panicked"),
     }
 }

@@ -1,5 +1,7 @@
 //! The event-loop side of virtio-blk: the queue's eventfd (signalled by KVM when the guest
-//! writes QueueNotify) wakes the loop, which serves the queue.
+//! writes QueueNotify, and by the transport after a driver reset) wakes the loop, which
+//! serves the queue. A pass that stops at its budget signals the eventfd again, so the rest
+//! is served after everything else the loop has to do.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -34,9 +36,15 @@ impl MutEventSubscriber for BlockHandler {
             return;
         }
         let _ = self.queue_evt.read();
-        self.device
+        let served = self
+            .device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .process_queue();
+        if served.more {
+            if let Err(e) = self.queue_evt.write(1) {
+                log::error!("virtio-blk: cannot re-arm the queue: {e}");
+            }
+        }
     }
 }

@@ -1,17 +1,22 @@
 //! virtio-blk over any [`DiskImage`]: read, write, flush, get-ID, discard, write-zeroes,
 //! read-only, block size, segment limits.
+//!
+//! The disk is touched only from [`Block::process_queue`], on the event loop: a driver
+//! reset (on a vCPU thread) only records that a flush is owed, and the next pass does it
+//! before serving anything else. A broken queue stops the device until the driver resets it.
 
 pub mod handler;
 pub mod request;
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
+use super::queue::{DeviceQueue, QueueError};
 use super::{
-    device_type, features, read_config_bytes, ActivateError, RateLimitedLog, VirtioDevice,
-    VirtioInterrupt,
+    device_type, error_chain, features, read_config_bytes, ActivateError, RateLimitedLog,
+    VirtioDevice, VirtioInterrupt,
 };
 use crate::disk::DiskImage;
 use request::{Capabilities, RequestError};
@@ -37,8 +42,18 @@ const CONFIG_LEN: usize = 0x3c;
 /// A running device: what activation handed over.
 struct Active {
     mem: GuestMemoryMmap,
-    queue: Queue,
+    queue: DeviceQueue,
     interrupt: Arc<VirtioInterrupt>,
+}
+
+/// What one [`Block::process_queue`] pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Requests completed.
+    pub completed: usize,
+    /// The pass stopped at its budget with requests still available: run another (after
+    /// the event loop served everything else).
+    pub more: bool,
 }
 
 /// The virtio-blk device.
@@ -50,6 +65,8 @@ pub struct Block {
     acked: u64,
     config: [u8; CONFIG_LEN],
     active: Option<Active>,
+    /// A driver reset happened and its flush has not run yet.
+    flush_owed: bool,
     bounce: Vec<u8>,
     log: RateLimitedLog,
 }
@@ -78,6 +95,7 @@ impl Block {
             acked: 0,
             config: [0; CONFIG_LEN],
             active: None,
+            flush_owed: false,
             bounce: Vec::new(),
             log: RateLimitedLog::new(),
         };
@@ -115,62 +133,99 @@ impl Block {
         }
     }
 
-    /// Serves every available request; raises the interrupt if the driver wants one.
-    /// Returns how many requests were completed.
-    pub fn process_queue(&mut self) -> usize {
-        let caps = self.caps();
-        let Some(active) = self.active.as_mut() else {
-            return 0;
-        };
-        let mem = active.mem.clone();
-        let mut done = 0;
-        loop {
-            if let Err(e) = active.queue.disable_notification(&mem) {
+    /// Serves the available requests, at most one queue's worth per pass, and raises the
+    /// interrupt if the driver wants one. A flush owed by a reset runs first. A queue error
+    /// stops the device (DEVICE_NEEDS_RESET) until the driver resets it.
+    pub fn process_queue(&mut self) -> Served {
+        if std::mem::take(&mut self.flush_owed) {
+            if let Err(e) = self.disk.flush() {
                 self.log
-                    .warn(format_args!("virtio-blk: queue unusable: {e:?}"));
-                return done;
+                    .warn(format_args!("virtio-blk: flush after a reset failed: {e}"));
             }
-            let chains: Vec<_> = match active.queue.iter(&mem) {
-                Ok(iter) => iter.collect(),
-                Err(e) => {
-                    self.log
-                        .warn(format_args!("virtio-blk: bad available ring: {e:?}"));
-                    return done;
+        }
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.interrupt.needs_reset())
+        {
+            self.active = None;
+        }
+        let caps = self.caps();
+        let Block {
+            active,
+            disk,
+            serial,
+            bounce,
+            log,
+            ..
+        } = self;
+        let Some(a) = active.as_mut() else {
+            return Served::default();
+        };
+        let mut served = Served::default();
+        let mut ctx = Ctx {
+            disk: disk.as_mut(),
+            caps,
+            serial,
+            bounce,
+            log,
+        };
+        match serve_pass(a, &mut ctx, &mut served) {
+            Ok(()) => {
+                if served.completed > 0 && a.queue.needs_notification(&a.mem).unwrap_or(true) {
+                    a.interrupt.signal_used_queue();
                 }
-            };
-            for chain in chains {
-                let head = chain.head_index();
-                let used = serve(
-                    &mem,
-                    chain,
-                    self.disk.as_mut(),
-                    caps,
-                    &self.serial,
-                    &mut self.bounce,
-                    &mut self.log,
-                );
-                if let Err(e) = active.queue.add_used(&mem, head, used) {
-                    self.log
-                        .warn(format_args!("virtio-blk: cannot complete a request: {e:?}"));
-                    return done;
-                }
-                done += 1;
             }
-            match active.queue.enable_notification(&mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    self.log
-                        .warn(format_args!("virtio-blk: queue unusable: {e:?}"));
-                    break;
+            Err(e) => {
+                self.log.warn(format_args!(
+                    "virtio-blk: {}; the device stops until the driver resets it",
+                    error_chain(&e)
+                ));
+                if let Some(a) = self.active.take() {
+                    a.interrupt.signal_needs_reset();
                 }
             }
         }
-        if done > 0 && active.queue.needs_notification(&mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
-        }
-        done
+        served
     }
+}
+
+/// What serving a request needs besides the queue.
+struct Ctx<'a> {
+    disk: &'a mut dyn DiskImage,
+    caps: Capabilities,
+    serial: &'a [u8],
+    bounce: &'a mut Vec<u8>,
+    log: &'a mut RateLimitedLog,
+}
+
+/// One bounded pass over the queue; `served` counts as it goes.
+fn serve_pass(a: &mut Active, ctx: &mut Ctx, served: &mut Served) -> Result<(), QueueError> {
+    let mem = &a.mem;
+    let q = &mut a.queue;
+    q.begin_pass();
+    q.disable_notification(mem)?;
+    // Each turn pops a chain or re-checks the ring; pops are capped by the queue's budget.
+    for _ in 0..2 * usize::from(q.size()) {
+        let Some(chain) = q.pop(mem)? else {
+            if q.budget_spent() {
+                served.more = true;
+                return Ok(());
+            }
+            if q.enable_notification(mem)? {
+                continue;
+            }
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let used = serve(
+            mem, chain, ctx.disk, ctx.caps, ctx.serial, ctx.bounce, ctx.log,
+        );
+        q.add_used(mem, head, used)?;
+        served.completed += 1;
+    }
+    served.more = true;
+    Ok(())
 }
 
 /// Serves one descriptor chain; returns the bytes written into guest memory (data and the
@@ -262,7 +317,7 @@ impl VirtioDevice for Block {
                 want: 1,
             });
         }
-        let queue = queues.remove(0);
+        let queue = DeviceQueue::new(queues.remove(0));
         self.active = Some(Active {
             mem,
             queue,
@@ -271,12 +326,12 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    /// State only (a vCPU thread): the flush a reset owes runs at the next
+    /// [`Block::process_queue`], before any new request.
     fn reset(&mut self) {
         self.active = None;
         self.acked = 0;
-        if let Err(e) = self.disk.flush() {
-            log::warn!("virtio-blk: flush on reset failed: {e}");
-        }
+        self.flush_owed = true;
     }
 }
 

@@ -1,15 +1,16 @@
 //! virtio-blk against mock guest memory and a split queue: every request type, and hostile
 //! chains that must end in an error status, never a panic or a hang.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::request::*;
 use super::*;
-use crate::disk::{HostFile, RawImage};
+use crate::disk::{DiskError, Extent, HostFile, ImageFormat, RawImage};
 use crate::test_utils::CountingInterrupt;
-use crate::virtio::testing::{GuestQueue, F_INDIRECT, F_NEXT};
+use crate::virtio::testing::{within, GuestQueue, F_INDIRECT, F_NEXT};
+use crate::virtio::INT_CONFIG;
 
 const QUEUE_AT: u64 = 0x1000;
 const DATA_AT: u64 = 0x10_0000;
@@ -20,6 +21,7 @@ struct Rig {
     mem: GuestMemoryMmap,
     dev: Block,
     irq: Arc<CountingInterrupt>,
+    vi: Arc<VirtioInterrupt>,
     disk_file: std::fs::File,
 }
 
@@ -38,12 +40,13 @@ fn rig_with(read_only: bool, acked: u64) -> Rig {
     dev.ack_features(acked);
     let irq = Arc::new(CountingInterrupt::default());
     let vi = Arc::new(VirtioInterrupt::new(irq.clone()));
-    dev.activate(mem.clone(), vec![queue], vi).unwrap();
+    dev.activate(mem.clone(), vec![queue], vi.clone()).unwrap();
     Rig {
         q,
         mem,
         dev,
         irq,
+        vi,
         disk_file: f,
     }
 }
@@ -83,7 +86,7 @@ fn write_then_read_round_trips_and_interrupts() {
     let buf = DATA_AT + 0x80_0000;
     r.mem.write_slice(&[0xab; 4096], GuestAddress(buf)).unwrap();
     let st = r.request(T_OUT, 8, Some((buf, 4096, false)));
-    assert_eq!(r.dev.process_queue(), 1);
+    assert_eq!(r.dev.process_queue().completed, 1);
     assert_eq!(r.status_at(st), S_OK);
     assert_eq!(r.q.used_elem(0), (0, 1));
     assert!(r.irq.count() >= 1);
@@ -172,7 +175,7 @@ fn bad_requests_get_error_statuses() {
     let st5 = r.request(T_DISCARD, 0, Some((seg, 16, false)));
     // Discard segment list of a wrong length.
     let st6 = r.request(T_DISCARD, 0, Some((seg, 10, false)));
-    assert_eq!(r.dev.process_queue(), 6);
+    assert_eq!(r.dev.process_queue().completed, 6);
     assert_eq!(r.status_at(st), S_IOERR);
     assert_eq!(r.status_at(st2), S_IOERR);
     assert_eq!(r.status_at(st3), S_IOERR);
@@ -234,19 +237,24 @@ fn hostile_chains_never_panic_or_hang() {
     let ind = r.q.next_index();
     r.q.desc(1 << 41, 64, F_INDIRECT, 0);
     r.q.publish(ind);
-    let n = r.dev.process_queue();
+    let n = r.dev.process_queue().completed;
     assert_eq!(n, 8, "every chain is completed");
     assert_eq!(r.q.used_idx(), 8);
     assert_eq!(r.status_at(DATA_AT + 0x300), S_IOERR);
 }
 
 #[test]
-fn avail_index_far_ahead_is_refused_without_looping() {
+fn avail_index_far_ahead_stops_the_device_and_asks_for_a_reset() {
     let mut r = rig();
-    r.mem
-        .write_obj(5000u16, GuestAddress(r.q.avail + 2))
-        .unwrap();
-    assert_eq!(r.dev.process_queue(), 0);
+    r.request(T_FLUSH, 0, None);
+    r.q.set_avail_idx(5000);
+    assert_eq!(r.dev.process_queue().completed, 0);
+    assert!(r.vi.needs_reset());
+    assert_ne!(r.vi.status() & INT_CONFIG, 0);
+    // Stopped: the request is not served even once avail.idx is sane again.
+    r.q.set_avail_idx(1);
+    assert_eq!(r.dev.process_queue().completed, 0);
+    assert_eq!(r.q.used_idx(), 0);
 }
 
 #[test]
@@ -262,4 +270,129 @@ fn config_space_reports_capacity_and_limits() {
     r.dev.read_config(0x1000, &mut past);
     assert_eq!(past, [0; 4]);
     r.dev.read_config(u64::MAX, &mut past);
+}
+
+/// What the device asked of the disk, in order.
+type Ops = Arc<Mutex<Vec<&'static str>>>;
+
+/// A raw disk that records the requests it gets, and runs `on_write` (a racing guest) on
+/// each write.
+struct Recording {
+    inner: RawImage,
+    ops: Ops,
+    on_write: Option<Box<dyn FnMut() + Send>>,
+}
+
+impl DiskImage for Recording {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        self.ops.lock().unwrap().push("read");
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        self.ops.lock().unwrap().push("write");
+        if let Some(hook) = self.on_write.as_mut() {
+            hook();
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.ops.lock().unwrap().push("flush");
+        self.inner.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn extent(&mut self, offset: u64, max_len: u64) -> Result<Extent, DiskError> {
+        self.inner.extent(offset, max_len)
+    }
+    fn format(&self) -> ImageFormat {
+        self.inner.format()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+}
+
+/// A rig on a recording disk.
+fn recording_rig(on_write: Option<Box<dyn FnMut() + Send>>) -> (Rig, Ops) {
+    let mut r = rig();
+    let ops = Ops::default();
+    let f = r.disk_file.try_clone().unwrap();
+    let inner = RawImage::from_host_file(HostFile::from_file(f), false, false).unwrap();
+    let disk = Recording {
+        inner,
+        ops: ops.clone(),
+        on_write,
+    };
+    r.dev = Block::new(Box::new(disk), false, None);
+    r.dev.ack_features(u64::MAX);
+    let (q, queue) = GuestQueue::new(&r.mem, QUEUE_AT, QUEUE_SIZE);
+    r.q = q;
+    r.dev
+        .activate(r.mem.clone(), vec![queue], r.vi.clone())
+        .unwrap();
+    (r, ops)
+}
+
+#[test]
+fn reset_does_no_disk_io_and_the_next_pass_flushes_before_new_requests() {
+    let (mut r, ops) = recording_rig(None);
+    r.dev.reset();
+    assert!(
+        ops.lock().unwrap().is_empty(),
+        "reset runs on a vCPU thread"
+    );
+    // The driver starts the device again before the event loop ran.
+    let (q, queue) = GuestQueue::new(&r.mem, QUEUE_AT, QUEUE_SIZE);
+    r.q = q;
+    r.dev.ack_features(u64::MAX);
+    r.dev
+        .activate(r.mem.clone(), vec![queue], r.vi.clone())
+        .unwrap();
+    let buf = DATA_AT + 0x80_0000;
+    let st = r.request(T_OUT, 0, Some((buf, 512, false)));
+
+    r.dev.process_queue();
+
+    assert_eq!(*ops.lock().unwrap(), vec!["flush", "write"]);
+    assert_eq!(r.status_at(st), S_OK);
+    r.dev.process_queue();
+    assert_eq!(ops.lock().unwrap().len(), 2, "the flush was owed once");
+}
+
+#[test]
+fn a_pass_is_bounded_while_the_guest_keeps_posting() {
+    let guest = Arc::new(Mutex::new(None::<GuestQueue>));
+    let hook_q = guest.clone();
+    let hook = Box::new(move || {
+        if let Some(q) = hook_q.lock().unwrap().as_mut() {
+            // Another write request, header and data at DATA_AT, status after them.
+            q.chain(&[
+                (DATA_AT, 16, false),
+                (DATA_AT + 0x1000, 512, false),
+                (DATA_AT + 0x2000, 1, true),
+            ]);
+        }
+    });
+    let (mut r, ops) = recording_rig(Some(hook));
+    r.header(DATA_AT, T_OUT, 0);
+    r.q.chain(&[
+        (DATA_AT, 16, false),
+        (DATA_AT + 0x1000, 512, false),
+        (DATA_AT + 0x2000, 1, true),
+    ]);
+    *guest.lock().unwrap() = Some(r.q.clone());
+
+    let (served, r) = within(5, move || (r.dev.process_queue(), r));
+
+    assert_eq!(served.completed, usize::from(QUEUE_SIZE));
+    assert!(served.more, "the handler must come back for the rest");
+    assert_eq!(ops.lock().unwrap().len(), usize::from(QUEUE_SIZE));
+    assert!(!r.vi.needs_reset());
 }

@@ -1,6 +1,8 @@
 //! The event-loop side of virtio-net: queue kicks (ioeventfds), the tap's readiness, and a
 //! once-a-second look at the tap's link state. The tap is watched for input only while a
 //! received frame can go somewhere, and for output only while a transmit waits for room.
+//! A pass that stops at its budget signals its own queue's eventfd, so the rest is done
+//! after everything else the event loop has to do (other devices, signals).
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -69,6 +71,9 @@ impl<B: NetBackend> NetHandler<B> {
             .unwrap_or_else(|e| e.into_inner())
             .process_rx();
         self.want_in = state == RxState::Drained;
+        if state == RxState::Yielded {
+            rearm(&self.rx_evt, "receive");
+        }
     }
 
     fn tx(&mut self) {
@@ -78,6 +83,16 @@ impl<B: NetBackend> NetHandler<B> {
             .unwrap_or_else(|e| e.into_inner())
             .process_tx();
         self.want_out = state == TxState::Blocked;
+        if state == TxState::Yielded {
+            rearm(&self.tx_evt, "transmit");
+        }
+    }
+}
+
+/// Signals a queue's own eventfd so its next pass runs on a later turn of the loop.
+fn rearm(evt: &EventFd, queue: &str) {
+    if let Err(e) = evt.write(1) {
+        log::error!("virtio-net: cannot re-arm the {queue} queue: {e}");
     }
 }
 

@@ -4,7 +4,12 @@
 //! Back-pressure both ways: a frame read from the tap waits (one at most) until the guest
 //! posts receive buffers, and the tap is not read meanwhile; a transmit the tap cannot take
 //! stays in the queue until the tap is writable. Nothing buffers without bound, nothing
-//! spins.
+//! spins: every pass is bounded (one queue's worth of chains, [`FRAMES_PER_PASS`] frames)
+//! and says when it stopped early ([`RxState::Yielded`], [`TxState::Yielded`]); a receive
+//! buffer the device cannot write into is returned empty at once; a queue error (an
+//! available index jump, a chain head out of range, a ring out of reach) stops the whole
+//! device, which asks for a reset (DEVICE_NEEDS_RESET) and touches no guest memory until
+//! the driver resets it. While stopped or not started, frames from the tap are dropped.
 
 pub mod handler;
 pub mod tap;
@@ -13,12 +18,13 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
+use super::queue::{DeviceQueue, QueueError};
 use super::{
-    device_type, features, read_config_bytes, ActivateError, RateLimitedLog, VirtioDevice,
-    VirtioInterrupt,
+    device_type, error_chain, features, read_config_bytes, ActivateError, RateLimitedLog,
+    VirtioDevice, VirtioInterrupt,
 };
 use tap::{offload, VNET_HDR_LEN};
 
@@ -70,6 +76,8 @@ pub const S_LINK_UP: u16 = 1;
 pub const QUEUE_SIZE: u16 = 256;
 /// Largest frame: 64 KiB of GSO payload, Ethernet and VLAN headers, and the vnet header.
 pub const MAX_FRAME: usize = 65_535 + 14 + 4 + VNET_HDR_LEN;
+/// Most frames one receive pass takes from the backend.
+pub const FRAMES_PER_PASS: usize = QUEUE_SIZE as usize;
 const RX: usize = 0;
 const TX: usize = 1;
 
@@ -80,20 +88,25 @@ pub enum RxState {
     Drained,
     /// A frame waits for the guest to post receive buffers.
     NeedBuffers,
+    /// The pass reached its budget: run another after the event loop's other work.
+    Yielded,
 }
 
 /// What a transmit pass ended with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TxState {
-    /// Every available frame went out (or was dropped as invalid).
+    /// Every available frame went out (or was dropped as invalid), or the device is not
+    /// running.
     Done,
     /// The backend is full: wait until it is writable.
     Blocked,
+    /// The pass reached its budget: run another after the event loop's other work.
+    Yielded,
 }
 
 struct Active {
     mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
+    queues: [DeviceQueue; 2],
     interrupt: Arc<VirtioInterrupt>,
 }
 
@@ -193,22 +206,61 @@ impl<B: NetBackend> Net<B> {
         self.acked & feature::MRG_RXBUF != 0
     }
 
-    /// Moves frames from the backend into the guest's receive buffers.
+    /// Stops the device after a queue error: it asks for a reset and drops its queues, so
+    /// it touches no guest memory until the driver resets and restarts it.
+    fn fail(&mut self, queue: &str, e: &QueueError) {
+        self.log.warn(format_args!(
+            "virtio-net: {queue} queue: {}; the device stops until the driver resets it",
+            error_chain(e)
+        ));
+        self.pending = None;
+        if let Some(a) = self.active.take() {
+            a.interrupt.signal_needs_reset();
+        }
+    }
+
+    /// Drops the queues if the device was told it needs a reset (by either queue, or the
+    /// transport): none of them is served until the driver resets it.
+    fn stop_if_needs_reset(&mut self) {
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.interrupt.needs_reset())
+        {
+            self.active = None;
+            self.pending = None;
+        }
+    }
+
+    /// Moves frames from the backend into the guest's receive buffers, at most
+    /// [`FRAMES_PER_PASS`] frames and one queue's worth of buffers per pass.
     pub fn process_rx(&mut self) -> RxState {
+        self.stop_if_needs_reset();
+        if let Some(a) = self.active.as_mut() {
+            a.queues[RX].begin_pass();
+        }
         let mut delivered = 0usize;
-        let state = loop {
+        let mut state = RxState::Yielded;
+        for _ in 0..FRAMES_PER_PASS {
             let len = match self.pending.take() {
                 Some(len) => len,
                 None => match self.backend.read_frame(&mut self.rx_frame) {
-                    Ok(0) => break RxState::Drained,
+                    Ok(0) => {
+                        state = RxState::Drained;
+                        break;
+                    }
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        state = RxState::Drained;
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         // EIO while the tap is down, for instance: nothing to read now.
                         self.log
                             .warn(format_args!("virtio-net: tap read failed: {e}"));
-                        break RxState::Drained;
+                        state = RxState::Drained;
+                        break;
                     }
                 },
             };
@@ -216,30 +268,44 @@ impl<B: NetBackend> Net<B> {
                 continue;
             }
             match self.deliver(len) {
-                Deliver::Done => delivered += 1,
-                Deliver::Dropped => {}
-                Deliver::NoBuffers => {
+                Ok(Deliver::Done) => delivered += 1,
+                Ok(Deliver::Dropped) => {}
+                Ok(Deliver::NoBuffers) => {
                     self.pending = Some(len);
-                    // Ask for a kick when buffers come; some may have come meanwhile.
-                    if self.rx_enable_notification() {
-                        continue;
+                    match self.rx_wait_for_buffers() {
+                        Ok(Wait::Retry) => continue,
+                        Ok(Wait::Yield) => break,
+                        Ok(Wait::Kick) => {
+                            state = RxState::NeedBuffers;
+                            break;
+                        }
+                        Err(e) => self.fail("receive", &e),
                     }
-                    break RxState::NeedBuffers;
                 }
+                Err(e) => self.fail("receive", &e),
             }
-        };
+        }
         if delivered > 0 {
             self.notify(RX);
         }
         state
     }
 
-    /// Re-enables receive-queue kicks; true if buffers arrived in the meantime.
-    fn rx_enable_notification(&mut self) -> bool {
+    /// After a frame found too few buffers: yield if the pass's budget is what ran out,
+    /// else ask for a kick when buffers come and retry if some came meanwhile.
+    fn rx_wait_for_buffers(&mut self) -> Result<Wait, QueueError> {
         let Some(a) = self.active.as_mut() else {
-            return false;
+            return Ok(Wait::Retry);
         };
-        a.queues[RX].enable_notification(&a.mem).unwrap_or(false)
+        let q = &mut a.queues[RX];
+        if q.budget_spent() {
+            return Ok(Wait::Yield);
+        }
+        Ok(if q.enable_notification(&a.mem)? {
+            Wait::Retry
+        } else {
+            Wait::Kick
+        })
     }
 
     /// Whether a frame waits for receive buffers.
@@ -255,116 +321,102 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
-    /// Puts `rx_frame[..len]` into receive buffers (several when mergeable).
-    fn deliver(&mut self, len: usize) -> Deliver {
+    /// Puts `rx_frame[..len]` into receive buffers (several when mergeable). A buffer the
+    /// device cannot write into (read-only, outside guest memory, too small) is returned
+    /// empty at once; it cannot be given back, so buffers this frame already holds are
+    /// returned empty with it and the frame is dropped.
+    fn deliver(&mut self, len: usize) -> Result<Deliver, QueueError> {
         let mergeable = self.mergeable();
-        let Some(a) = self.active.as_mut() else {
-            return Deliver::Dropped;
+        let Net {
+            active,
+            rx_frame,
+            log,
+            ..
+        } = self;
+        let Some(a) = active.as_mut() else {
+            return Ok(Deliver::Dropped);
         };
-        let mem = a.mem.clone();
+        let mem = &a.mem;
         let q = &mut a.queues[RX];
-        let mut used: Vec<(u16, u32)> = Vec::new();
+        let mut taken: Vec<(u16, Writer, usize, usize)> = Vec::new();
         let mut written = 0usize;
-        let mut writers = Vec::new();
         while written < len {
-            let Some(chain) = q.pop_descriptor_chain(&mem) else {
-                // Not enough buffers: give back what was taken and wait.
-                for _ in 0..used.len() {
-                    q.go_to_previous_position();
-                }
-                return Deliver::NoBuffers;
+            let Some(chain) = q.pop(mem)? else {
+                // Not enough buffers (or budget): give back what was taken and wait.
+                q.give_back(taken.len() as u16);
+                return Ok(Deliver::NoBuffers);
             };
             let head = chain.head_index();
-            let Ok(w) = Writer::new(&mem, chain) else {
-                self.log.warn(format_args!(
-                    "virtio-net: receive buffer outside guest memory"
-                ));
-                used.push((head, 0));
-                continue;
+            let need = if taken.is_empty() { VNET_HDR_LEN } else { 1 };
+            let w = match Writer::new(mem, chain) {
+                Ok(w) if w.available_bytes() >= need => w,
+                _ => {
+                    log.warn(format_args!(
+                        "virtio-net: receive buffer {head} is read-only, too small or outside \
+                         guest memory: returned empty"
+                    ));
+                    for &(h, ..) in &taken {
+                        q.add_used(mem, h, 0)?;
+                    }
+                    q.add_used(mem, head, 0)?;
+                    if taken.is_empty() {
+                        continue;
+                    }
+                    return Ok(Deliver::Dropped);
+                }
             };
             let room = w.available_bytes();
             let take = room.min(len - written);
-            if (used.is_empty() && room < VNET_HDR_LEN) || take == 0 {
-                used.push((head, 0));
-                continue;
-            }
             if !mergeable && take < len - written {
-                self.log.warn(format_args!(
+                log.warn(format_args!(
                     "virtio-net: {len}-byte frame does not fit a {room}-byte receive buffer"
                 ));
-                used.push((head, 0));
-                for (h, l) in used {
-                    let _ = q.add_used(&mem, h, l);
-                }
-                return Deliver::Dropped;
+                q.add_used(mem, head, 0)?;
+                return Ok(Deliver::Dropped);
             }
-            used.push((head, take as u32));
-            writers.push((w, written, take));
+            taken.push((head, w, written, take));
             written += take;
         }
-        let count = used.iter().filter(|(_, l)| *l > 0).count() as u16;
+        let count = if mergeable { taken.len() as u16 } else { 1 };
         // num_buffers, in the header's last two bytes.
-        self.rx_frame[10..12].copy_from_slice(&(if mergeable { count } else { 1 }).to_le_bytes());
-        for (mut w, from, n) in writers {
-            if let Err(e) = std::io::Write::write_all(&mut w, &self.rx_frame[from..from + n]) {
-                self.log.warn(format_args!(
+        rx_frame[10..12].copy_from_slice(&count.to_le_bytes());
+        for (head, mut w, from, n) in taken {
+            if let Err(e) = std::io::Write::write_all(&mut w, &rx_frame[from..from + n]) {
+                log.warn(format_args!(
                     "virtio-net: cannot fill a receive buffer: {e}"
                 ));
             }
+            q.add_used(mem, head, n as u32)?;
         }
-        for (h, l) in used {
-            if let Err(e) = q.add_used(&mem, h, l) {
-                self.log.warn(format_args!(
-                    "virtio-net: cannot return a receive buffer: {e:?}"
-                ));
-            }
-        }
-        Deliver::Done
+        Ok(Deliver::Done)
     }
 
-    /// Sends the guest's frames to the backend.
+    /// Sends the guest's frames to the backend, at most one queue's worth per pass.
     pub fn process_tx(&mut self) -> TxState {
-        let Some(a) = self.active.as_mut() else {
+        self.stop_if_needs_reset();
+        let Net {
+            active,
+            backend,
+            tx_frame,
+            log,
+            ..
+        } = self;
+        let Some(a) = active.as_mut() else {
             return TxState::Done;
         };
-        let mem = a.mem.clone();
         let mut sent = 0usize;
-        let state = loop {
-            let q = &mut a.queues[TX];
-            let Some(chain) = q.pop_descriptor_chain(&mem) else {
-                match q.enable_notification(&mem) {
-                    Ok(true) => continue,
-                    _ => break TxState::Done,
+        match transmit(a, backend, tx_frame, log, &mut sent) {
+            Ok(state) => {
+                if sent > 0 {
+                    self.notify(TX);
                 }
-            };
-            let head = chain.head_index();
-            match gather(&mem, chain, &mut self.tx_frame) {
-                Ok(()) => {}
-                Err(why) => {
-                    self.log
-                        .warn(format_args!("virtio-net: dropped a transmit: {why}"));
-                    let _ = q.add_used(&mem, head, 0);
-                    sent += 1;
-                    continue;
-                }
+                state
             }
-            match self.backend.write_frame(&[IoSlice::new(&self.tx_frame)]) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    q.go_to_previous_position();
-                    break TxState::Blocked;
-                }
-                Err(e) => self
-                    .log
-                    .warn(format_args!("virtio-net: tap write failed: {e}")),
+            Err(e) => {
+                self.fail("transmit", &e);
+                TxState::Done
             }
-            let _ = q.add_used(&mem, head, 0);
-            sent += 1;
-        };
-        if sent > 0 {
-            self.notify(TX);
         }
-        state
     }
 }
 
@@ -372,6 +424,57 @@ enum Deliver {
     Done,
     Dropped,
     NoBuffers,
+}
+
+/// What to do about a frame that found too few receive buffers.
+enum Wait {
+    /// Buffers came meanwhile (or the device stopped): go on.
+    Retry,
+    /// The pass's budget ran out.
+    Yield,
+    /// Wait for the driver's kick.
+    Kick,
+}
+
+/// One bounded transmit pass; `sent` counts the chains completed.
+fn transmit<B: NetBackend>(
+    a: &mut Active,
+    backend: &mut B,
+    frame: &mut Vec<u8>,
+    log: &mut RateLimitedLog,
+    sent: &mut usize,
+) -> Result<TxState, QueueError> {
+    let mem = &a.mem;
+    let q = &mut a.queues[TX];
+    q.begin_pass();
+    // Each turn pops a chain or re-checks the ring; pops are capped by the queue's budget.
+    for _ in 0..2 * usize::from(q.size()) {
+        let Some(chain) = q.pop(mem)? else {
+            if q.budget_spent() {
+                return Ok(TxState::Yielded);
+            }
+            if q.enable_notification(mem)? {
+                continue;
+            }
+            return Ok(TxState::Done);
+        };
+        let head = chain.head_index();
+        if let Err(why) = gather(mem, chain, frame) {
+            log.warn(format_args!("virtio-net: dropped a transmit: {why}"));
+        } else {
+            match backend.write_frame(&[IoSlice::new(frame)]) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    q.give_back(1);
+                    return Ok(TxState::Blocked);
+                }
+                Err(e) => log.warn(format_args!("virtio-net: tap write failed: {e}")),
+            }
+        }
+        q.add_used(mem, head, 0)?;
+        *sent += 1;
+    }
+    Ok(TxState::Yielded)
 }
 
 /// Copies a transmit chain (virtio-net header and frame) into `out`.
@@ -450,9 +553,16 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         if let Err(e) = self.backend.set_offload(flags) {
             log::warn!("virtio-net: TUNSETOFFLOAD {flags:#x} failed: {e}");
         }
+        let [rx, tx]: [Queue; 2] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
+                    got: q.len(),
+                    want: 2,
+                })?;
         self.active = Some(Active {
             mem,
-            queues,
+            queues: [DeviceQueue::new(rx), DeviceQueue::new(tx)],
             interrupt,
         });
         Ok(())
