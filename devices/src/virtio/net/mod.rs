@@ -324,7 +324,8 @@ impl<B: NetBackend> Net<B> {
     /// Puts `rx_frame[..len]` into receive buffers (several when mergeable). A buffer the
     /// device cannot write into (read-only, outside guest memory, too small) is returned
     /// empty at once; it cannot be given back, so buffers this frame already holds are
-    /// returned empty with it and the frame is dropped.
+    /// returned empty with it and the frame is dropped. A frame that a whole queue of
+    /// buffers cannot hold is dropped, its buffers given back for the next frames.
     fn deliver(&mut self, len: usize) -> Result<Deliver, QueueError> {
         let mergeable = self.mergeable();
         let Net {
@@ -376,6 +377,15 @@ impl<B: NetBackend> Net<B> {
             }
             taken.push((head, w, written, take));
             written += take;
+            if written < len && taken.len() >= usize::from(q.size()) {
+                // Never more buffers than that at once: this frame can never fit.
+                log.warn(format_args!(
+                    "virtio-net: {len}-byte frame does not fit {} receive buffers: dropped",
+                    taken.len()
+                ));
+                q.give_back(taken.len() as u16);
+                return Ok(Deliver::Dropped);
+            }
         }
         let count = if mergeable { taken.len() as u16 } else { 1 };
         // num_buffers, in the header's last two bytes.
@@ -551,7 +561,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             flags = 0;
         }
         if let Err(e) = self.backend.set_offload(flags) {
-            log::warn!("virtio-net: TUNSETOFFLOAD {flags:#x} failed: {e}");
+            // Once per driver start, which the guest can repeat: rate-limited.
+            self.log.warn(format_args!(
+                "virtio-net: TUNSETOFFLOAD {flags:#x} failed: {e}"
+            ));
         }
         let [rx, tx]: [Queue; 2] =
             queues

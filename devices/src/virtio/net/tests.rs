@@ -443,6 +443,30 @@ fn a_mergeable_frame_waits_for_enough_buffers_without_spinning() {
 }
 
 #[test]
+fn a_frame_larger_than_a_whole_queue_of_buffers_is_dropped_not_retried_forever() {
+    // Found by the virtio_net fuzz target: the frame waited, and every pass yielded.
+    let mut r = rig(u64::MAX);
+    r.wire.lock().unwrap().to_guest.push_back(frame(20_000, 1));
+    let small = frame(100, 2);
+    r.wire.lock().unwrap().to_guest.push_back(small.clone());
+    for i in 0..u64::from(QUEUE_SIZE) {
+        r.rx.chain(&[(BUF + i * 64, 64, true)]); // 16 KiB in all
+    }
+
+    let (r, state) = run(r, |r| {
+        let first = r.dev.process_rx();
+        (first, r.dev.process_rx())
+    });
+
+    assert_eq!(state, (RxState::Yielded, RxState::Drained));
+    assert!(!r.dev.rx_pending());
+    assert_eq!(r.rx.used_idx(), 2, "the small frame took two buffers");
+    let mut got = rx_data(&r, BUF, 64);
+    got.extend(rx_data(&r, BUF + 64, small.len() - 64));
+    assert_eq!(got[VNET_HDR_LEN..], small[VNET_HDR_LEN..]);
+}
+
+#[test]
 fn a_transmit_pass_is_bounded_while_the_guest_keeps_posting() {
     let mut r = rig(u64::MAX);
     post_transmit(&mut r, BUF);
