@@ -356,10 +356,10 @@ impl<B: NetBackend> Net<B> {
                         "virtio-net: receive buffer {head} is read-only, too small or outside \
                          guest memory: returned empty"
                     ));
-                    for &(h, ..) in &taken {
+                    let held = taken.iter().map(|t| t.0);
+                    for h in held.chain([head]) {
                         q.add_used(mem, h, 0)?;
                     }
-                    q.add_used(mem, head, 0)?;
                     if taken.is_empty() {
                         continue;
                     }
