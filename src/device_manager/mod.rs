@@ -633,8 +633,14 @@ impl DeviceManager {
         let (mut disks, mut nets) = (Vec::new(), Vec::new());
         for e in &self.entries {
             match &e.handle {
-                VirtioHandle::Block(_) => disks.push(serde_json::json!({ "id": e.id })),
-                VirtioHandle::Net(_) => nets.push(serde_json::json!({ "id": e.id })),
+                VirtioHandle::Block(b) => {
+                    let s = devices::bus::lock_device(b, |b| b.stats());
+                    disks.push(serde_json::json!({ "id": e.id, "stats": s }));
+                }
+                VirtioHandle::Net(n) => {
+                    let s = devices::bus::lock_device(n, |n| n.stats());
+                    nets.push(serde_json::json!({ "id": e.id, "stats": s }));
+                }
             }
         }
         (disks, nets)

@@ -18,7 +18,8 @@ pub fn state_dirs() -> (PathBuf, PathBuf) {
 pub fn ember() -> Command {
     let (state, config) = state_dirs();
     let mut c = Command::new(env!("CARGO_BIN_EXE_ember"));
-    c.env("EMBER_STATE_DIR", state).env("EMBER_CONFIG_DIR", config);
+    c.env("EMBER_STATE_DIR", state)
+        .env("EMBER_CONFIG_DIR", config);
     c
 }
 

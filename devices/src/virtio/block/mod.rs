@@ -56,6 +56,47 @@ pub struct Served {
     pub more: bool,
 }
 
+/// Requests served, by kind, and bytes moved (what `ember domstats` shows).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BlockStats {
+    /// Reads completed.
+    pub read_ops: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Writes completed.
+    pub write_ops: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Flushes completed.
+    pub flush_ops: u64,
+    /// Discards and write-zeroes completed.
+    pub discard_ops: u64,
+    /// Requests that failed (I/O error, unsupported, out of range, malformed).
+    pub errors: u64,
+}
+
+impl BlockStats {
+    fn count(&mut self, kind: u32, ok: bool, bytes: u64) {
+        if !ok {
+            self.errors += 1;
+            return;
+        }
+        match kind {
+            request::T_IN => {
+                self.read_ops += 1;
+                self.read_bytes += bytes;
+            }
+            request::T_OUT => {
+                self.write_ops += 1;
+                self.write_bytes += bytes;
+            }
+            request::T_FLUSH => self.flush_ops += 1,
+            request::T_DISCARD | request::T_WRITE_ZEROES => self.discard_ops += 1,
+            _ => {}
+        }
+    }
+}
+
 /// The virtio-blk device.
 pub struct Block {
     disk: Box<dyn DiskImage>,
@@ -69,6 +110,7 @@ pub struct Block {
     flush_owed: bool,
     bounce: Vec<u8>,
     log: RateLimitedLog,
+    stats: BlockStats,
 }
 
 impl Block {
@@ -98,6 +140,7 @@ impl Block {
             flush_owed: false,
             bounce: Vec::new(),
             log: RateLimitedLog::new(),
+            stats: BlockStats::default(),
         };
         dev.fill_config();
         dev
@@ -117,6 +160,11 @@ impl Block {
         put32(c, 0x30, request::MAX_SEGMENT_SECTORS); // max_write_zeroes_sectors
         put32(c, 0x34, request::MAX_SEGMENTS); // max_write_zeroes_seg
         c[0x38] = 1; // write_zeroes_may_unmap
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> BlockStats {
+        self.stats
     }
 
     /// Capacity in bytes.
@@ -157,6 +205,7 @@ impl Block {
             serial,
             bounce,
             log,
+            stats,
             ..
         } = self;
         let Some(a) = active.as_mut() else {
@@ -169,6 +218,7 @@ impl Block {
             serial,
             bounce,
             log,
+            stats,
         };
         match serve_pass(a, &mut ctx, &mut served) {
             Ok(()) => {
@@ -197,6 +247,7 @@ struct Ctx<'a> {
     serial: &'a [u8],
     bounce: &'a mut Vec<u8>,
     log: &'a mut RateLimitedLog,
+    stats: &'a mut BlockStats,
 }
 
 /// One bounded pass over the queue; `served` counts as it goes.
@@ -218,9 +269,7 @@ fn serve_pass(a: &mut Active, ctx: &mut Ctx, served: &mut Served) -> Result<(), 
             return Ok(());
         };
         let head = chain.head_index();
-        let used = serve(
-            mem, chain, ctx.disk, ctx.caps, ctx.serial, ctx.bounce, ctx.log,
-        );
+        let used = serve(mem, chain, ctx);
         q.add_used(mem, head, used)?;
         served.completed += 1;
     }
@@ -230,15 +279,7 @@ fn serve_pass(a: &mut Active, ctx: &mut Ctx, served: &mut Served) -> Result<(), 
 
 /// Serves one descriptor chain; returns the bytes written into guest memory (data and the
 /// status byte), as the used ring reports them.
-fn serve<M>(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<M>,
-    disk: &mut dyn DiskImage,
-    caps: Capabilities,
-    serial: &[u8],
-    bounce: &mut Vec<u8>,
-    log: &mut RateLimitedLog,
-) -> u32
+fn serve<M>(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>, ctx: &mut Ctx) -> u32
 where
     M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
 {
@@ -246,7 +287,8 @@ where
     {
         (Ok(r), Ok(w)) => (r, w),
         _ => {
-            log.warn(format_args!(
+            ctx.stats.errors += 1;
+            ctx.log.warn(format_args!(
                 "virtio-blk: descriptor chain points outside guest memory"
             ));
             return 0;
@@ -254,7 +296,8 @@ where
     };
     let writable = writer.available_bytes();
     if writable == 0 {
-        log.warn(format_args!(
+        ctx.stats.errors += 1;
+        ctx.log.warn(format_args!(
             "virtio-blk: request without room for a status byte"
         ));
         return 0;
@@ -263,17 +306,37 @@ where
         Ok(s) => s,
         Err(_) => return 0,
     };
-    let (status, data_len) = match request::read_header(&mut reader)
-        .and_then(|h| request::execute(h, &mut reader, &mut writer, disk, caps, serial, bounce))
-    {
+    let mut kind = None;
+    let mut out_len = 0;
+    let result = request::read_header(&mut reader).and_then(|h| {
+        kind = Some(h.kind);
+        out_len = reader.available_bytes() as u64;
+        request::execute(
+            h,
+            &mut reader,
+            &mut writer,
+            ctx.disk,
+            ctx.caps,
+            ctx.serial,
+            ctx.bounce,
+        )
+    });
+    let (status, data_len) = match result {
         Ok(n) => (request::S_OK, n),
         Err(e) => {
             if !matches!(e, RequestError::Unsupported(_)) {
-                log.warn(format_args!("virtio-blk: {e}"));
+                ctx.log.warn(format_args!("virtio-blk: {e}"));
             }
             (e.status(), writer.bytes_written() as u32)
         }
     };
+    let k = kind.unwrap_or(u32::MAX);
+    let bytes = if k == request::T_OUT {
+        out_len
+    } else {
+        u64::from(data_len)
+    };
+    ctx.stats.count(k, status == request::S_OK, bytes);
     match status_writer.write_obj(status) {
         Ok(()) => data_len + 1,
         Err(_) => data_len,

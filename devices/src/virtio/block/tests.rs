@@ -396,3 +396,18 @@ fn a_pass_is_bounded_while_the_guest_keeps_posting() {
     assert_eq!(ops.lock().unwrap().len(), usize::from(QUEUE_SIZE));
     assert!(!r.vi.needs_reset());
 }
+
+#[test]
+fn stats_count_each_kind_its_bytes_and_failures() {
+    let mut r = rig();
+    let buf = DATA_AT + 0x80_0000;
+    r.request(T_OUT, 0, Some((buf, 4096, false)));
+    r.request(T_IN, 0, Some((buf, 1024, true)));
+    r.request(T_FLUSH, 0, None);
+    r.request(T_IN, 1 << 40, Some((buf, 512, true))); // past the end
+    r.dev.process_queue();
+    let s = r.dev.stats();
+    assert_eq!((s.write_ops, s.write_bytes), (1, 4096));
+    assert_eq!((s.read_ops, s.read_bytes), (1, 1024));
+    assert_eq!((s.flush_ops, s.errors), (1, 1));
+}

@@ -110,6 +110,24 @@ struct Active {
     interrupt: Arc<VirtioInterrupt>,
 }
 
+/// Frames moved and dropped each way (what `ember domstats` shows); bytes exclude the
+/// virtio-net header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NetStats {
+    /// Frames given to the guest.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames from the tap the guest could not take (no fitting buffer, malformed).
+    pub rx_dropped: u64,
+    /// Frames the guest sent out.
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Frames the guest sent that were malformed or the tap refused.
+    pub tx_dropped: u64,
+}
+
 /// The virtio-net device.
 pub struct Net<B: NetBackend> {
     backend: B,
@@ -122,6 +140,7 @@ pub struct Net<B: NetBackend> {
     rx_frame: Vec<u8>,
     tx_frame: Vec<u8>,
     log: RateLimitedLog,
+    stats: NetStats,
 }
 
 /// A locally administered-looking but stable MAC: 52:54:00 (as libvirt) and three bytes
@@ -171,7 +190,13 @@ impl<B: NetBackend> Net<B> {
             rx_frame: vec![0u8; MAX_FRAME],
             tx_frame: Vec::with_capacity(MAX_FRAME),
             log: RateLimitedLog::new(),
+            stats: NetStats::default(),
         }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> NetStats {
+        self.stats
     }
 
     /// The backend (for the event loop's descriptor).
@@ -265,11 +290,16 @@ impl<B: NetBackend> Net<B> {
                 },
             };
             if len < VNET_HDR_LEN {
+                self.stats.rx_dropped += 1;
                 continue;
             }
             match self.deliver(len) {
-                Ok(Deliver::Done) => delivered += 1,
-                Ok(Deliver::Dropped) => {}
+                Ok(Deliver::Done) => {
+                    delivered += 1;
+                    self.stats.rx_packets += 1;
+                    self.stats.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                }
+                Ok(Deliver::Dropped) => self.stats.rx_dropped += 1,
                 Ok(Deliver::NoBuffers) => {
                     self.pending = Some(len);
                     match self.rx_wait_for_buffers() {
@@ -409,13 +439,14 @@ impl<B: NetBackend> Net<B> {
             backend,
             tx_frame,
             log,
+            stats,
             ..
         } = self;
         let Some(a) = active.as_mut() else {
             return TxState::Done;
         };
         let mut sent = 0usize;
-        match transmit(a, backend, tx_frame, log, &mut sent) {
+        match transmit(a, backend, tx_frame, log, stats, &mut sent) {
             Ok(state) => {
                 if sent > 0 {
                     self.notify(TX);
@@ -452,6 +483,7 @@ fn transmit<B: NetBackend>(
     backend: &mut B,
     frame: &mut Vec<u8>,
     log: &mut RateLimitedLog,
+    stats: &mut NetStats,
     sent: &mut usize,
 ) -> Result<TxState, QueueError> {
     let mem = &a.mem;
@@ -470,15 +502,22 @@ fn transmit<B: NetBackend>(
         };
         let head = chain.head_index();
         if let Err(why) = gather(mem, chain, frame) {
+            stats.tx_dropped += 1;
             log.warn(format_args!("virtio-net: dropped a transmit: {why}"));
         } else {
             match backend.write_frame(&[IoSlice::new(frame)]) {
-                Ok(_) => {}
+                Ok(_) => {
+                    stats.tx_packets += 1;
+                    stats.tx_bytes += frame.len().saturating_sub(VNET_HDR_LEN) as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     q.give_back(1);
                     return Ok(TxState::Blocked);
                 }
-                Err(e) => log.warn(format_args!("virtio-net: tap write failed: {e}")),
+                Err(e) => {
+                    stats.tx_dropped += 1;
+                    log.warn(format_args!("virtio-net: tap write failed: {e}"))
+                }
             }
         }
         q.add_used(mem, head, 0)?;

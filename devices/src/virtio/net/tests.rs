@@ -608,3 +608,22 @@ mod through_mmio {
         assert_eq!(wire.lock().unwrap().from_guest.len(), 1);
     }
 }
+
+#[test]
+fn stats_count_frames_bytes_and_drops_each_way() {
+    let mut r = rig(!feature::MRG_RXBUF);
+    r.mem
+        .write_slice(&frame(100, 1), GuestAddress(BUF))
+        .unwrap();
+    r.tx.chain(&[(BUF, (VNET_HDR_LEN + 100) as u32, false)]);
+    r.tx.chain(&[(BUF, 4, false)]); // shorter than the header
+    r.dev.process_tx();
+    r.wire.lock().unwrap().to_guest.push_back(frame(200, 2));
+    r.wire.lock().unwrap().to_guest.push_back(frame(3000, 3)); // no buffer fits it
+    r.rx.chain(&[(BUF + 0x10000, 2048, true)]);
+    r.rx.chain(&[(BUF + 0x20000, 1500, true)]);
+    r.dev.process_rx();
+    let s = r.dev.stats();
+    assert_eq!((s.tx_packets, s.tx_bytes, s.tx_dropped), (1, 100, 1));
+    assert_eq!((s.rx_packets, s.rx_bytes, s.rx_dropped), (1, 200, 1));
+}
