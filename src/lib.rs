@@ -18,6 +18,7 @@ pub mod net;
 pub mod run_state;
 pub mod session;
 pub mod signals;
+pub mod snapshot;
 pub mod test_runner;
 pub mod vcpu;
 pub mod vmdir;

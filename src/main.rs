@@ -46,6 +46,10 @@ enum Command {
     Vcpuinfo(verbs::NameArg),
     /// Show a VM's counters (vCPU exits, disk and NIC I/O)
     Domstats(verbs::NameArg),
+    /// Save a running VM to a file and stop it (memory goes to FILE.mem)
+    Save(verbs::SaveArgs),
+    /// Start a VM from a file 'ember save' wrote, in the background
+    Restore(verbs::RestoreArgs),
     /// Store a VM definition (a TOML file) under its name
     Define(defs::DefineArgs),
     /// Remove a VM's definition
@@ -84,6 +88,8 @@ fn main() -> ExitCode {
         Command::Domiflist(a) => verbs::domiflist(a),
         Command::Vcpuinfo(a) => verbs::vcpuinfo(a),
         Command::Domstats(a) => verbs::domstats(a),
+        Command::Save(a) => verbs::save(a),
+        Command::Restore(a) => verbs::restore(a),
         Command::Define(a) => defs::define(a),
         Command::Undefine(a) => defs::undefine(a),
         Command::Dumpconfig(a) => defs::dumpconfig(a),

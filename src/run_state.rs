@@ -27,6 +27,8 @@ pub enum Outcome {
     Signal(i32),
     /// `ember destroy` (or the API) ended the VM.
     Destroyed,
+    /// `ember save` wrote the VM to this file and ended it.
+    Saved(String),
     /// The VM is to be built and booted again (`ember reset`, `ember reboot`, a guest
     /// reboot with `--reboot restart`).
     Restart,
@@ -40,6 +42,7 @@ impl Outcome {
             | Outcome::Reset
             | Outcome::ConsoleQuit
             | Outcome::Destroyed
+            | Outcome::Saved(_)
             | Outcome::Restart => 0,
             Outcome::DebugExit(code) => *code,
             Outcome::Crash(_) => 1,

@@ -82,6 +82,29 @@ pub struct RunRequest {
     pub serial: crate::config::SerialMode,
     /// Called once the VM (or, pre-boot, the API) is ready.
     pub on_ready: Option<OnReady>,
+    /// Start from a snapshot (`ember run --restore`) instead of a kernel.
+    pub restore: Option<RestoreSpec>,
+}
+
+/// A VM to bring back from a snapshot, and what replaces the saved configuration.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreSpec {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file.
+    pub memory: PathBuf,
+    /// Start paused (`Some(true)`), running, or as saved (`None`).
+    pub paused: Option<bool>,
+    /// New backends for NICs, by NIC id (a NIC's tap on another host or after a clone).
+    pub nets: Vec<crate::config::NetConfig>,
+}
+
+/// How the VM starts.
+enum Start {
+    /// Boot this configuration's kernel.
+    Boot(VmConfig),
+    /// Restore a snapshot.
+    Restore(RestoreSpec),
 }
 
 /// What lives as long as the process.
@@ -217,6 +240,10 @@ pub fn run(mut req: RunRequest) -> Result<Outcome, SessionError> {
         created: Instant::now(),
     };
     let on_ready = req.on_ready.take();
+    if let Some(spec) = req.restore.take() {
+        let (vmm, cfg) = restore_vmm(&session, &spec, &serial)?;
+        return run_vm(&session, &cfg, Some(vmm), on_ready);
+    }
     match (req.config.take(), req.pending.take()) {
         (Some(mut c), _) => {
             c.serial = serial;
@@ -246,14 +273,22 @@ fn start_from_api(
 ) -> Result<Outcome, SessionError> {
     let mut pending = PendingVm::default();
     loop {
-        let Some((conn, mut cfg)) = wait_for_start(session, &mut pending)? else {
+        let Some((conn, start)) = wait_for_start(session, &mut pending)? else {
             return Ok(Outcome::Signal(crate::signals::last_signal()));
         };
-        cfg.serial = serial.clone();
-        let built = Vmm::build(&cfg, session).and_then(|mut v| v.boot().map(|()| v));
+        let (built, prefix) = match start {
+            Start::Boot(mut cfg) => {
+                cfg.serial = serial.clone();
+                let vmm = Vmm::build(&cfg, session)
+                    .and_then(|mut v| v.boot().map(|()| v))
+                    .map_err(SessionError::from);
+                (vmm.map(|v| (v, cfg)), "Start microvm error")
+            }
+            Start::Restore(spec) => (restore_vmm(session, &spec, &serial), "Load snapshot error"),
+        };
         let answer = match &built {
             Ok(_) => Response::empty(204),
-            Err(e) => api::bad_request(&format!("Start microvm error: {}", crate::error_chain(e))),
+            Err(e) => api::bad_request(&format!("{prefix}: {}", crate::error_chain(e))),
         };
         if let Some(server) = &session.api {
             server
@@ -261,10 +296,38 @@ fn start_from_api(
                 .unwrap_or_else(|e| e.into_inner())
                 .respond(conn, answer);
         }
-        if let Ok(vmm) = built {
+        if let Ok((vmm, cfg)) = built {
             return run_vm(session, &cfg, Some(vmm), None);
         }
     }
+}
+
+/// Builds the VM a snapshot describes, named and wired as this session says.
+fn restore_vmm(
+    session: &Session,
+    spec: &RestoreSpec,
+    serial: &crate::config::SerialMode,
+) -> Result<(Vmm, VmConfig), SessionError> {
+    let load = |e: crate::snapshot::SnapshotError| {
+        SessionError::Vmm(crate::vmm::VmmError::Snapshot(Box::new(e)))
+    };
+    let mut state: crate::snapshot::SnapshotState =
+        crate::snapshot::format::read_file(&spec.state).map_err(|e| load(e.into()))?;
+    state.config.name = session.name.clone();
+    state.config.serial = serial.clone();
+    for n in &spec.nets {
+        let Some(slot) = state.config.nets.iter_mut().find(|x| x.id == n.id) else {
+            return Err(load(crate::snapshot::SnapshotError::Invalid(format!(
+                "the snapshot has no NIC with id {}",
+                n.id()
+            ))));
+        };
+        slot.tap = n.tap.clone();
+        slot.fd = n.fd;
+        slot.network = n.network.clone();
+    }
+    let vmm = Vmm::restore(&state, &spec.memory, session, spec.paused)?;
+    Ok((vmm, state.config))
 }
 
 /// Runs the VM (`first`, or one built from `cfg`), and builds and boots it again after each
@@ -302,7 +365,7 @@ fn run_vm(
 fn wait_for_start(
     session: &Session,
     pending: &mut PendingVm,
-) -> Result<Option<(ConnId, VmConfig)>, SessionError> {
+) -> Result<Option<(ConnId, Start)>, SessionError> {
     let Some(server) = &session.api else {
         return Ok(None);
     };
@@ -328,7 +391,7 @@ fn serve_preboot(
     session: &Session,
     server: &SharedServer,
     pending: &mut PendingVm,
-) -> Option<(ConnId, VmConfig)> {
+) -> Option<(ConnId, Start)> {
     loop {
         let next = server
             .lock()
@@ -362,7 +425,7 @@ fn preboot_answer(
     session: &Session,
     pending: &mut PendingVm,
     req: ApiRequest,
-) -> (Option<Response>, Option<VmConfig>) {
+) -> (Option<Response>, Option<Start>) {
     let r = match req {
         ApiRequest::InstanceInfo => session.instance_info(VmState::NotStarted),
         ApiRequest::Version => version_response(),
@@ -389,13 +452,21 @@ fn preboot_answer(
         ApiRequest::Metrics(m) => done(session.set_metrics(&m.metrics_path)),
         ApiRequest::Action(a) if a.action_type == ActionType::InstanceStart => {
             return match pending.to_vm_config(&session.name) {
-                Ok(c) => (None, Some(c)),
+                Ok(c) => (None, Some(Start::Boot(c))),
+                Err(e) => (Some(api::bad_request(&e)), None),
+            }
+        }
+        ApiRequest::SnapshotLoad(l) => {
+            return match snapshot_load(pending, &l) {
+                Ok(spec) => (None, Some(Start::Restore(spec))),
                 Err(e) => (Some(api::bad_request(&e)), None),
             }
         }
         ApiRequest::Action(_)
         | ApiRequest::PatchVm(_)
         | ApiRequest::EmberCounters
+        | ApiRequest::SnapshotCreate(_)
+        | ApiRequest::EmberSave(_)
         | ApiRequest::EmberAction(_) => api::bad_request(msg::BEFORE_START),
         ApiRequest::EmberInfo => Response::json(
             200,
@@ -405,4 +476,38 @@ fn preboot_answer(
         ),
     };
     (Some(r), None)
+}
+
+/// Firecracker's `/snapshot/load`: allowed on a fresh process only.
+fn snapshot_load(pending: &PendingVm, l: &fc::SnapshotLoad) -> Result<RestoreSpec, String> {
+    let configured = pending.boot_source.is_some()
+        || !pending.drives.is_empty()
+        || !pending.nets.is_empty()
+        || pending.machine != fc::MachineConfig::default();
+    if configured {
+        return Err(
+            "Load snapshot error: Loading a microVM snapshot not allowed after \
+                    configuring boot-specific resources."
+                .into(),
+        );
+    }
+    let memory = l.memory_file()?;
+    let nets = l
+        .network_overrides
+        .iter()
+        .map(|o| crate::config::NetConfig {
+            id: Some(o.iface_id.clone()),
+            tap: Some(o.host_dev_name.clone()),
+            fd: None,
+            network: None,
+            mac: None,
+            mtu: 1500,
+        })
+        .collect();
+    Ok(RestoreSpec {
+        state: l.snapshot_path.clone(),
+        memory,
+        paused: Some(!l.resume_vm),
+        nets,
+    })
 }

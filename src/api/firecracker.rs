@@ -229,6 +229,105 @@ pub enum ActionType {
     SendCtrlAltDel,
 }
 
+/// Firecracker's snapshot kinds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum SnapshotType {
+    /// All of memory.
+    #[default]
+    Full,
+    /// Only the pages written since the last snapshot.
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file.
+    pub mem_file_path: PathBuf,
+    /// Full or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
+/// Where a snapshot's memory comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// File (or Uffd, not supported).
+    pub backend_type: MemBackendType,
+    /// The file.
+    pub backend_path: PathBuf,
+}
+
+/// Memory backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum MemBackendType {
+    /// A memory file, mapped.
+    File,
+    /// A userfaultfd handler (not supported).
+    Uffd,
+}
+
+/// A NIC's new tap for a restored VM.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The NIC.
+    pub iface_id: String,
+    /// Its new tap.
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file (deprecated spelling).
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    /// The memory backend.
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// Dirty-page tracking.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Dirty-page tracking (deprecated spelling).
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Run the VM once loaded (else it is paused).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// New taps for the NICs.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
+impl SnapshotLoad {
+    /// The memory file, from exactly one of `mem_backend` (File) or `mem_file_path`.
+    pub fn memory_file(&self) -> Result<PathBuf, String> {
+        const PREFIX: &str = "An error occurred when deserializing the json body of a request";
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(b), None) if b.backend_type == MemBackendType::File => Ok(b.backend_path.clone()),
+            (Some(_), None) => Err("Load snapshot error: the Uffd memory backend is not \
+                                    supported; use File"
+                .into()),
+            (None, Some(p)) => Ok(p.clone()),
+            (None, None) => Err(format!(
+                "{PREFIX}: missing field: either `mem_backend` or `mem_file_path` is required."
+            )),
+            (Some(_), Some(_)) => Err(format!(
+                "{PREFIX}: too many fields: either `mem_backend` or `mem_file_path` \
+                 exclusively is required."
+            )),
+        }
+    }
+}
+
 /// The `--config-file` JSON (unknown top-level keys are ignored, as Firecracker does).
 #[derive(Clone, Debug, Deserialize)]
 pub struct ConfigFile {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use firecracker::{
     BootSource, Drive, InstanceAction, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    NetworkInterface, VmStateChange,
+    NetworkInterface, SnapshotCreate, SnapshotLoad, VmStateChange,
 };
 use http::{Request, Response};
 
@@ -88,6 +88,20 @@ pub enum ApiRequest {
     EmberCounters,
     /// `PUT /ember/actions`.
     EmberAction(EmberAction),
+    /// `PUT /snapshot/create`.
+    SnapshotCreate(SnapshotCreate),
+    /// `PUT /snapshot/load`.
+    SnapshotLoad(SnapshotLoad),
+    /// `PUT /ember/save`: snapshot, then end the VM (`virsh save`).
+    EmberSave(EmberSave),
+}
+
+/// `PUT /ember/save`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmberSave {
+    /// The state file (memory goes to `PATH.mem`).
+    pub path: std::path::PathBuf,
 }
 
 /// A 400 with Firecracker's `fault_message`.
@@ -194,6 +208,16 @@ fn route_put(req: &Request, parts: &[&str], first: &str) -> Result<ApiRequest, R
             Ok(ApiRequest::NetworkInterface(n))
         }
         "ember" if parts.get(1) == Some(&"actions") => Ok(ApiRequest::EmberAction(body(req)?)),
+        "ember" if parts.get(1) == Some(&"save") => Ok(ApiRequest::EmberSave(body(req)?)),
+        "snapshot" => match parts.get(1).copied() {
+            Some("create") => Ok(ApiRequest::SnapshotCreate(body(req)?)),
+            Some("load") => Ok(ApiRequest::SnapshotLoad(body(req)?)),
+            None => Err(bad_request("Missing snapshot operation type.")),
+            Some(other) => Err(bad_request(&format!(
+                "Invalid request method and/or path: {} /snapshot/{other}.",
+                req.method
+            ))),
+        },
         _ => Err(unknown(req, first)),
     }
 }

@@ -213,6 +213,7 @@ fn start_here(name: &str) -> ExitCode {
         api_sock: None,
         no_api: false,
         on_ready: None,
+        restore: None,
     };
     super::run::run_request(&mut req)
 }

@@ -14,7 +14,7 @@ use crate::config::{
 };
 use crate::console::{is_terminal, RawTerminal};
 use crate::run_state::Outcome;
-use crate::session::{self, RunRequest, Session};
+use crate::session::{self, RestoreSpec, RunRequest, Session};
 use crate::{error_chain, signals};
 
 /// `ember run`.
@@ -79,6 +79,14 @@ pub struct RunArgs {
     /// Run in the background; prints the VM's name once it runs
     #[arg(long, short = 'd')]
     pub detach: bool,
+    /// Start from a snapshot state file (memory from FILE.mem) instead of a kernel; --name,
+    /// --serial, --net (matched by id, else by position), --api-sock and -d replace the
+    /// saved ones
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "config_file"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: start with the vCPUs paused
+    #[arg(long, requires = "restore")]
+    pub paused: bool,
 }
 
 fn switch(option: &str, s: &str) -> Result<bool, ConfigError> {
@@ -144,13 +152,40 @@ impl RunArgs {
         Ok(c)
     }
 
+    /// What `--restore` asks for, with the NIC overrides.
+    fn restore_spec(&self, state: &std::path::Path) -> Result<RestoreSpec, ConfigError> {
+        config::check_readable_file("--restore", state)?;
+        let memory = crate::snapshot::memory_path_for(state);
+        config::check_readable_file("--restore (memory file)", &memory)?;
+        let nets = self
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mut n = NetConfig::parse(n)?;
+                n.id.get_or_insert_with(|| format!("eth{i}"));
+                Ok(n)
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(RestoreSpec {
+            state: state.to_path_buf(),
+            memory,
+            paused: self.paused.then_some(true),
+            nets,
+        })
+    }
+
     /// The request `ember run` makes of a session.
     pub fn into_request(self) -> Result<RunRequest, ConfigError> {
         let name = match &self.name {
             Some(n) => parse_name(n)?,
             None => format!("ember-{}", std::process::id()),
         };
-        if self.no_api && self.kernel.is_none() && self.config_file.is_none() {
+        if self.no_api
+            && self.kernel.is_none()
+            && self.config_file.is_none()
+            && self.restore.is_none()
+        {
             return Err(ConfigError::new(
                 "--no-api",
                 "without --kernel or --config-file nothing could configure the VM",
@@ -164,7 +199,12 @@ impl RunArgs {
             Some(f) => Some(read_config_file(f)?),
             None => None,
         };
+        let restore = match &self.restore {
+            Some(state) => Some(self.restore_spec(state)?),
+            None => None,
+        };
         Ok(RunRequest {
+            restore,
             name,
             config,
             pending,
@@ -193,6 +233,7 @@ fn report(outcome: &Outcome) {
         Outcome::PowerOff => log::debug!("guest powered off"),
         Outcome::Reset => log::debug!("guest reset"),
         Outcome::Destroyed => log::info!("VM destroyed"),
+        Outcome::Saved(path) => log::info!("VM saved to {path}"),
         Outcome::Restart => log::debug!("VM restarted"),
         Outcome::DebugExit(code) => log::debug!("guest exited through debug-exit: {code}"),
     }
@@ -240,6 +281,7 @@ pub fn run_request(req: &mut RunRequest) -> ExitCode {
         no_api: req.no_api,
         serial: req.serial.clone(),
         on_ready: req.on_ready.take(),
+        restore: req.restore.take(),
     };
     let result = session::run(taken);
     drop(raw);

@@ -423,3 +423,65 @@ pub fn domstats(a: NameArg) -> ExitCode {
         Ok(())
     })())
 }
+
+/// `ember save`.
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// The VM's name
+    pub name: String,
+    /// The state file to write (memory goes to FILE.mem)
+    pub file: std::path::PathBuf,
+}
+
+/// `ember restore`.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// A state file 'ember save' (or a snapshot) wrote
+    pub file: std::path::PathBuf,
+    /// The restored VM's name (default: the saved one); two VMs can come from one file
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Leave its vCPUs paused
+    #[arg(long)]
+    pub paused: bool,
+}
+
+/// `ember save NAME FILE`: the VM is written to FILE and ends.
+pub fn save(a: SaveArgs) -> ExitCode {
+    finish((|| {
+        let vm = running(&a.name)?;
+        let path = std::path::absolute(&a.file)
+            .map_err(|e| Failure::usage(format!("{}: {e}", a.file.display())))?;
+        send(&a.name, "PUT", "/ember/save", json!({ "path": path }))?;
+        wait_gone(&a.name, vm.pid, Duration::from_secs(30));
+        println!("VM {} saved to {}", a.name, a.file.display());
+        Ok(())
+    })())
+}
+
+/// `ember restore FILE [--name N] [--paused]`: the VM runs on in the background.
+pub fn restore(a: RestoreArgs) -> ExitCode {
+    let state: Result<crate::snapshot::SnapshotState, _> =
+        crate::snapshot::format::read_file(&a.file);
+    let saved_name = match state {
+        Ok(s) => s.config.name,
+        Err(e) => return finish(Err(Failure::usage(crate::error_chain(&e)))),
+    };
+    let name = a.name.unwrap_or(saved_name);
+    if vmdir::find(&name).is_some() {
+        return finish(Err(Failure::usage(format!(
+            "a VM named '{name}' is already running; give another --name"
+        ))));
+    }
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "run".into(),
+        "--restore".into(),
+        a.file.into_os_string(),
+        "--name".into(),
+        name.into(),
+    ];
+    if a.paused {
+        args.push("--paused".into());
+    }
+    super::detach::spawn_detached(&args)
+}

@@ -4,6 +4,7 @@
 //! vCPUs run), subscribes its event-loop handler and records it under its id; detaching
 //! undoes each step and gives the resources back.
 
+mod persist;
 mod resources;
 
 use std::sync::{Arc, Mutex};
@@ -124,6 +125,7 @@ pub enum VirtioHandle {
 struct DeviceEntry {
     id: String,
     handle: VirtioHandle,
+    transport: Arc<Mutex<MmioTransport>>,
     resources: Resources,
     irqfd: EventFd,
     /// Our handles on the queue eventfds (to unregister, and to re-kick on resume).
@@ -131,6 +133,13 @@ struct DeviceEntry {
     subscriber: SubscriberId,
     /// What the user asked for.
     spec: DeviceSpec,
+}
+
+/// A virtio device's transport and its descriptors, as wired.
+struct Wired {
+    irqfd: EventFd,
+    evts: Vec<EventFd>,
+    transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// What a device was made from.
@@ -166,9 +175,10 @@ pub struct DeviceInfo {
 struct Legacy {
     i8042: Arc<Mutex<I8042>>,
     acpi_pm: Arc<Mutex<AcpiPm>>,
+    cmos: Arc<Mutex<Cmos>>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     debug_exit: bool,
-    pvpanic: bool,
+    pvpanic: Option<Arc<Mutex<PvPanic>>>,
 }
 
 /// A level-triggered IOAPIC pin driven with KVM_IRQ_LINE (the ACPI SCI).
@@ -284,7 +294,11 @@ impl DeviceManager {
             u64::from(i8042::I8042_LEN),
         )?;
         let rtc = Arc::new(Mutex::new(Cmos::with_system_clock()));
-        pio.insert(rtc, u64::from(cmos::CMOS_PORT), u64::from(cmos::CMOS_LEN))?;
+        pio.insert(
+            rtc.clone(),
+            u64::from(cmos::CMOS_PORT),
+            u64::from(cmos::CMOS_LEN),
+        )?;
         let pm = Arc::new(Mutex::new(AcpiPm::with_sci(
             exit.clone(),
             sci,
@@ -296,14 +310,17 @@ impl DeviceManager {
             u64::from(acpi::ports::BASE),
             u64::from(acpi::ports::LEN),
         )?;
-        if pvpanic {
+        let panic_dev = if pvpanic {
             let dev = Arc::new(Mutex::new(PvPanic::new(exit.clone())));
             pio.insert(
-                dev,
+                dev.clone(),
                 u64::from(pvpanic::PVPANIC_PORT),
                 u64::from(pvpanic::PVPANIC_LEN),
             )?;
-        }
+            Some(dev)
+        } else {
+            None
+        };
         if debug_exit {
             let dev = Arc::new(Mutex::new(DebugExit::new(exit)));
             pio.insert(
@@ -315,9 +332,10 @@ impl DeviceManager {
         self.legacy = Some(Legacy {
             i8042: kbd,
             acpi_pm: pm,
+            cmos: rtc,
             serial: None,
             debug_exit,
-            pvpanic,
+            pvpanic: panic_dev,
         });
         Ok(())
     }
@@ -379,8 +397,8 @@ impl DeviceManager {
             cfg.readonly,
             cfg.serial.clone(),
         )));
-        let (resources, irqfd, evts) = self.attach_virtio_mmio(block.clone())?;
-        let handler_evt = evts[0].try_clone().map_err(DeviceError::EventFd)?;
+        let (resources, w) = self.attach_virtio_mmio(block.clone())?;
+        let handler_evt = w.evts[0].try_clone().map_err(DeviceError::EventFd)?;
         let subscriber = events.add_subscriber(Arc::new(Mutex::new(BlockHandler::new(
             block.clone(),
             handler_evt,
@@ -388,9 +406,10 @@ impl DeviceManager {
         self.entries.push(DeviceEntry {
             id: cfg.id().to_string(),
             handle: VirtioHandle::Block(block),
+            transport: w.transport,
             resources,
-            irqfd,
-            queue_evts: evts,
+            irqfd: w.irqfd,
+            queue_evts: w.evts,
             subscriber,
             spec: DeviceSpec::Disk(cfg.clone()),
         });
@@ -410,17 +429,18 @@ impl DeviceManager {
         log::debug!("NIC {}: tap {} mac {mac:02x?}", cfg.id(), tap.name());
         let tap_name = tap.name().to_string();
         let net = Arc::new(Mutex::new(Net::new(tap, mac, cfg.mtu)));
-        let (resources, irqfd, evts) = self.attach_virtio_mmio(net.clone())?;
-        let rx = evts[0].try_clone().map_err(DeviceError::EventFd)?;
-        let tx = evts[1].try_clone().map_err(DeviceError::EventFd)?;
+        let (resources, w) = self.attach_virtio_mmio(net.clone())?;
+        let rx = w.evts[0].try_clone().map_err(DeviceError::EventFd)?;
+        let tx = w.evts[1].try_clone().map_err(DeviceError::EventFd)?;
         let handler = NetHandler::new(net.clone(), rx, tx).map_err(DeviceError::EventFd)?;
         let subscriber = events.add_subscriber(Arc::new(Mutex::new(handler)));
         self.entries.push(DeviceEntry {
             id: cfg.id().to_string(),
             handle: VirtioHandle::Net(net),
+            transport: w.transport,
             resources,
-            irqfd,
-            queue_evts: evts,
+            irqfd: w.irqfd,
+            queue_evts: w.evts,
             subscriber,
             spec: DeviceSpec::Net(cfg.clone(), tap_name),
         });
@@ -432,7 +452,7 @@ impl DeviceManager {
     fn attach_virtio_mmio(
         &mut self,
         device: Arc<Mutex<dyn VirtioDevice>>,
-    ) -> Result<(Resources, EventFd, Vec<EventFd>), DeviceError> {
+    ) -> Result<(Resources, Wired), DeviceError> {
         let irq = self.allocator.alloc_irq().ok_or(DeviceError::NoIrq)?;
         let Some((base, len)) = self.allocator.alloc_mmio() else {
             self.allocator.free(Resources {
@@ -446,7 +466,7 @@ impl DeviceManager {
             irq: Some(irq),
         };
         match self.wire_virtio_mmio(device, base, len, irq) {
-            Ok((irqfd, evts)) => Ok((resources, irqfd, evts)),
+            Ok(w) => Ok((resources, w)),
             Err(e) => {
                 self.allocator.free(resources);
                 Err(e)
@@ -460,7 +480,7 @@ impl DeviceManager {
         base: u64,
         len: u64,
         irq: u32,
-    ) -> Result<(EventFd, Vec<EventFd>), DeviceError> {
+    ) -> Result<Wired, DeviceError> {
         let line = irqfd(&self.vm, irq)?;
         let ours = line.try_clone().map_err(DeviceError::EventFd)?;
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(line)));
@@ -483,16 +503,21 @@ impl DeviceManager {
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>()
             .map_err(DeviceError::EventFd)?;
-        let transport = MmioTransport::new(device, interrupt, self.mem.clone(), transport_evts);
-        if let Err(e) = self
-            .buses
-            .mmio
-            .insert(Arc::new(Mutex::new(transport)), base, len)
-        {
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            interrupt,
+            self.mem.clone(),
+            transport_evts,
+        )));
+        if let Err(e) = self.buses.mmio.insert(transport.clone(), base, len) {
             self.unwire(&ours, irq, &evts, addr);
             return Err(e.into());
         }
-        Ok((ours, evts))
+        Ok(Wired {
+            irqfd: ours,
+            evts,
+            transport,
+        })
     }
 
     /// Unregisters a device's irqfd and ioeventfds.
@@ -591,7 +616,7 @@ impl DeviceManager {
                 acpi::ports::BASE,
                 Some(u32::from(acpi::SCI_IRQ)),
             ));
-            if l.pvpanic {
+            if l.pvpanic.is_some() {
                 out.push(pio("pvpanic", "pvpanic", pvpanic::PVPANIC_PORT, None));
             }
             if l.debug_exit {

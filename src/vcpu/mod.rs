@@ -26,6 +26,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 pub use exit::{handle_exit, Action, Buses, ExitCounters, ExitCounts, StopReason};
 
 use crate::run_state::{Outcome, RunState};
+use crate::vstate::{self, VcpuState};
 
 /// Errors configuring or starting a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -96,17 +97,21 @@ pub enum VcpuEvent {
     Pause,
     /// Enter the guest again.
     Resume,
+    /// Report the vCPU's state (only while paused), with these MSRs.
+    SaveState(Arc<Vec<u32>>),
     /// End the thread.
     Finish,
 }
 
 /// What a vCPU thread answers.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     /// It is parked.
     Paused,
     /// It runs.
     Resumed,
+    /// Its state, or why it could not be read.
+    State(Box<Result<VcpuState, String>>),
     /// Its thread ended.
     Exited,
 }
@@ -201,6 +206,18 @@ impl Vcpu {
     /// The vCPU's index.
     pub fn id(&self) -> u8 {
         self.id
+    }
+
+    /// Reads the vCPU's state, after letting KVM finish an I/O exit in progress.
+    fn save_state(&mut self, msrs: &[u32]) -> Result<VcpuState, String> {
+        let chain = |e: vstate::StateError| crate::error_chain(&e);
+        vstate::complete_pending_io(&mut self.fd, self.id).map_err(chain)?;
+        vstate::save_vcpu(&self.fd, self.id, msrs).map_err(chain)
+    }
+
+    /// Puts the vCPU in a saved state (before its thread starts).
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), vstate::StateError> {
+        vstate::restore_vcpu(&self.fd, self.id, state)
     }
 
     /// Makes this the boot vCPU: registers at the kernel's entry point.
@@ -337,6 +354,15 @@ impl Vcpu {
             VcpuEvent::Resume => {
                 let _ = out.send(VcpuResponse::Resumed);
                 RunMode::Running
+            }
+            VcpuEvent::SaveState(msrs) => {
+                let state = if mode == RunMode::Paused {
+                    self.save_state(&msrs)
+                } else {
+                    Err("the vCPU is not paused".into())
+                };
+                let _ = out.send(VcpuResponse::State(Box::new(state)));
+                mode
             }
             VcpuEvent::Finish => RunMode::Finished,
         }

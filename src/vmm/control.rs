@@ -71,6 +71,52 @@ impl Vmm {
             ApiRequest::EmberInfo => Response::json(200, self.info(session).to_string()),
             ApiRequest::EmberCounters => Response::json(200, self.counters().to_string()),
             ApiRequest::EmberAction(a) => self.ember_action(a),
+            ApiRequest::SnapshotCreate(c) => self.snapshot_create(&c),
+            ApiRequest::SnapshotLoad(_) => api::bad_request(msg::AFTER_START),
+            ApiRequest::EmberSave(s) => self.save_and_stop(&s.path),
+        }
+    }
+
+    /// Firecracker's `/snapshot/create`: the VM must be paused, and stays so.
+    fn snapshot_create(&mut self, c: &fc::SnapshotCreate) -> Response {
+        const PREFIX: &str = "Create snapshot error";
+        if self.state != VmState::Paused {
+            return api::bad_request(&format!(
+                "{PREFIX}: Cannot save the microVM state: Operation not allowed: save/restore \
+                 unavailable while running"
+            ));
+        }
+        if c.snapshot_type == fc::SnapshotType::Diff {
+            return api::bad_request(&format!(
+                "{PREFIX}: Diff snapshots are not supported by this Ember; take a Full one"
+            ));
+        }
+        match self.snapshot_to(&c.snapshot_path, &c.mem_file_path, true) {
+            Ok(()) => Response::empty(204),
+            Err(e) => api::bad_request(&format!("{PREFIX}: {}", crate::error_chain(&e))),
+        }
+    }
+
+    /// `virsh save`: snapshot to `path` (memory to `path.mem`), then end the VM. A failed
+    /// save leaves the VM as it was.
+    fn save_and_stop(&mut self, path: &std::path::Path) -> Response {
+        let was_paused = self.state == VmState::Paused;
+        if let Err(e) = self.pause() {
+            return Response::fault(500, &format!("cannot pause the VM: {e}"));
+        }
+        let mem = crate::snapshot::memory_path_for(path);
+        match self.snapshot_to(path, &mem, was_paused) {
+            Ok(()) => {
+                self.run_state
+                    .request_exit(Outcome::Saved(path.display().to_string()));
+                Response::empty(204)
+            }
+            Err(e) => {
+                if !was_paused {
+                    let _ = self.resume();
+                }
+                api::bad_request(&format!("cannot save the VM: {}", crate::error_chain(&e)))
+            }
         }
     }
 

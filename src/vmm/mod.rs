@@ -5,6 +5,7 @@
 
 mod control;
 pub mod cpuid;
+mod snapshot;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -81,6 +82,9 @@ pub enum VmmError {
     /// The event loop.
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
+    /// A snapshot cannot be used.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[source] Box<crate::snapshot::SnapshotError>),
 }
 
 impl VmmError {
@@ -134,8 +138,12 @@ pub struct Vmm {
     /// A guest power-off after `ember reboot` starts the VM again.
     restart_on_poweroff: bool,
     started: Instant,
-    _vm: Arc<VmFd>,
-    _kvm: Kvm,
+    /// Built from a snapshot: queues are kicked when the vCPUs start.
+    restored: bool,
+    /// The MSRs a vCPU's state holds (computed on the first save).
+    msrs: Option<Arc<Vec<u32>>>,
+    vm: Arc<VmFd>,
+    kvm: Kvm,
     mem: GuestMemoryMmap,
     plan: cpuid::CpuidPlan,
 }
@@ -190,10 +198,22 @@ fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
 impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, devices, vCPUs; no kernel yet.
     pub fn build(cfg: &VmConfig, session: &Session) -> Result<Self, VmmError> {
+        Self::build_with_memory(cfg, session, None)
+    }
+
+    /// [`Self::build`], with guest memory given (mapped from a snapshot) or made anew.
+    pub fn build_with_memory(
+        cfg: &VmConfig,
+        session: &Session,
+        mem: Option<GuestMemoryMmap>,
+    ) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         let plan = cpuid::vm_cpuid(&kvm, &cfg.cpu_features.0)?;
         let vm = Arc::new(create_vm(&kvm, cfg)?);
-        let mem = memory::create_guest_memory(cfg.memory.0)?;
+        let mem = match mem {
+            Some(m) => m,
+            None => memory::create_guest_memory(cfg.memory.0)?,
+        };
         memory::register_with_kvm(&vm, &mem)?;
 
         let run_state =
@@ -225,8 +245,10 @@ impl Vmm {
             config: cfg.clone(),
             restart_on_poweroff: false,
             started: Instant::now(),
-            _vm: vm,
-            _kvm: kvm,
+            restored: false,
+            msrs: None,
+            vm,
+            kvm,
             mem,
             plan,
         })
@@ -307,8 +329,9 @@ impl Vmm {
     /// the event loop.
     pub fn run(&mut self, session: &Session) -> Result<Outcome, VmmError> {
         vcpu::install_kick_handler()?;
+        let paused = self.state == VmState::Paused;
         for v in self.vcpus.drain(..) {
-            match v.start(false) {
+            match v.start(paused) {
                 Ok(h) => self.handles.push(h),
                 Err(e) => {
                     self.run_state.request_exit(Outcome::Crash(e.to_string()));
@@ -317,6 +340,9 @@ impl Vmm {
             }
         }
         self.started = Instant::now();
+        if self.restored && !paused {
+            self.devices.kick_queues();
+        }
         let mut reports = 0;
         while !self.run_state.is_exiting() {
             if let Err(e) = self.events.run() {
@@ -350,20 +376,29 @@ impl Vmm {
         }
     }
 
-    /// Sends `event` to every vCPU and waits for each to answer `want`.
-    fn tell_vcpus(&mut self, event: fn() -> VcpuEvent, want: VcpuResponse) -> Result<(), String> {
+    /// Sends `event()` to every vCPU and collects each one's answer that `want` accepts.
+    fn tell_vcpus<T>(
+        &mut self,
+        event: impl Fn() -> VcpuEvent,
+        want: impl Fn(VcpuResponse) -> Option<T>,
+    ) -> Result<Vec<T>, String> {
         for h in &self.handles {
             if !h.send(event()) {
                 return Err(format!("vCPU {} is gone", h.id()));
             }
         }
+        let mut out = Vec::with_capacity(self.handles.len());
         for h in &self.handles {
             let deadline = Instant::now() + VCPU_ANSWER;
             loop {
                 match h.response(Duration::from_millis(20)) {
-                    Some(r) if r == want => break,
                     Some(VcpuResponse::Exited) => return Err(format!("vCPU {} ended", h.id())),
-                    Some(_) => {}
+                    Some(r) => {
+                        if let Some(t) = want(r) {
+                            out.push(t);
+                            break;
+                        }
+                    }
                     None if Instant::now() > deadline => {
                         return Err(format!("vCPU {} did not answer", h.id()))
                     }
@@ -372,7 +407,7 @@ impl Vmm {
                 }
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Parks every vCPU (no CPU use) and lets devices finish what they hold.
@@ -380,7 +415,10 @@ impl Vmm {
         if self.state == VmState::Paused {
             return Ok(());
         }
-        self.tell_vcpus(|| VcpuEvent::Pause, VcpuResponse::Paused)?;
+        self.tell_vcpus(
+            || VcpuEvent::Pause,
+            |r| matches!(r, VcpuResponse::Paused).then_some(()),
+        )?;
         self.state = VmState::Paused;
         Ok(())
     }
@@ -390,7 +428,10 @@ impl Vmm {
         if self.state == VmState::Running {
             return Ok(());
         }
-        self.tell_vcpus(|| VcpuEvent::Resume, VcpuResponse::Resumed)?;
+        self.tell_vcpus(
+            || VcpuEvent::Resume,
+            |r| matches!(r, VcpuResponse::Resumed).then_some(()),
+        )?;
         self.devices.kick_queues();
         self.state = VmState::Running;
         Ok(())

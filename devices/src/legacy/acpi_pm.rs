@@ -8,7 +8,10 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 use crate::{ExitSink, GuestExit, IrqLevel};
 
 const PM1_STS: u64 = 0;
@@ -135,6 +138,37 @@ impl BusDevice for AcpiPm {
             }
             _ => {}
         }
+    }
+}
+
+/// The PM1 registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    /// PM1_STS.
+    pub status: u16,
+    /// PM1_EN.
+    pub enable: u16,
+    /// PM1_CNT.
+    pub control: u16,
+}
+
+impl Persist for AcpiPm {
+    type State = AcpiPmState;
+
+    fn save(&self) -> AcpiPmState {
+        AcpiPmState {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+
+    fn restore(&mut self, s: &AcpiPmState) -> Result<(), StateError> {
+        self.status = s.status;
+        self.enable = s.enable;
+        self.control = s.control | SCI_EN;
+        self.update_sci();
+        Ok(())
     }
 }
 
@@ -286,5 +320,15 @@ mod tests {
         pm.status = 0x8001;
         pm.write(PM1_STS, &0x0001u16.to_le_bytes());
         assert_eq!(pm.status, 0x8000);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_pending_power_button_raises_the_sci_again() {
+        let (mut a, _) = dev_with_sci();
+        a.write(PM1_EN, &PWRBTN.to_le_bytes());
+        assert!(a.press_power_button());
+        let (mut b, sci_b) = dev_with_sci();
+        crate::persist::assert_round_trip(&a, &mut b);
+        assert!(sci_b.is_high());
     }
 }

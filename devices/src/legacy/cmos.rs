@@ -1,7 +1,10 @@
 //! The MC146818 CMOS RTC at ports 0x70/0x71: the wall-clock time (UTC) Linux reads at boot,
 //! never "update in progress", plus the 128 bytes of CMOS RAM.
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 
 /// Index port; the data port follows it.
 pub const CMOS_PORT: u16 = 0x70;
@@ -134,6 +137,35 @@ impl BusDevice for Cmos {
     }
 }
 
+/// The RTC's index register and NVRAM (time registers are read from the host clock).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    /// The selected register.
+    pub index: u8,
+    /// The 128 bytes of NVRAM.
+    pub ram: Vec<u8>,
+}
+
+impl Persist for Cmos {
+    type State = CmosState;
+
+    fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index as u8,
+            ram: self.ram.to_vec(),
+        }
+    }
+
+    fn restore(&mut self, s: &CmosState) -> Result<(), StateError> {
+        let ram: [u8; 128] = s.ram.as_slice().try_into().map_err(|_| {
+            StateError::new("cmos", format!("{} bytes of NVRAM, not 128", s.ram.len()))
+        })?;
+        self.index = usize::from(s.index & 0x7f);
+        self.ram = ram;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +223,20 @@ mod tests {
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
         assert_eq!(civil_from_days(10_957), (2000, 1, 1));
+    }
+
+    #[test]
+    fn state_round_trips_and_short_nvram_is_refused() {
+        let mut a = Cmos::new(Box::new(|| LEAP_DAY));
+        a.write(0, &[0x40]);
+        a.write(1, &[0x99]);
+        let mut b = Cmos::new(Box::new(|| LEAP_DAY));
+        crate::persist::assert_round_trip(&a, &mut b);
+        assert_eq!(read(&mut b, 0x40), 0x99);
+        let bad = CmosState {
+            index: 0,
+            ram: vec![0; 3],
+        };
+        assert!(b.restore(&bad).is_err());
     }
 }

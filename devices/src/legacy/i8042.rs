@@ -15,7 +15,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 use crate::{ExitSink, GuestExit, Interrupt};
 
 /// Data port.
@@ -92,8 +95,8 @@ const EXTENDED: u8 = 0xe0;
 const MAX_PENDING: usize = 16;
 
 /// Where a byte in the output register came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Source {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
     /// The controller itself, or the keyboard.
     Keyboard,
     /// A (failed) AUX transfer: flagged AUX data with a timeout.
@@ -101,13 +104,19 @@ enum Source {
 }
 
 /// What the next byte written to the data port is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DataTarget {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataTarget {
+    /// A keyboard command or argument.
     Keyboard,
+    /// The controller's command byte.
     CommandByte,
+    /// The controller's output port.
     OutputPort,
+    /// A byte to place in the output buffer as keyboard data.
     KbdOutput,
+    /// A byte to place in the output buffer as AUX data.
     AuxOutput,
+    /// A byte for the (absent) AUX device.
     Aux,
 }
 
@@ -475,6 +484,90 @@ impl BusDevice for I8042 {
     }
 }
 
+/// The controller's and the keyboard's registers and buffers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The command byte.
+    pub command_byte: u8,
+    /// The last port written was the command port.
+    pub last_was_command: bool,
+    /// What the next data-port byte is for.
+    pub data_target: DataTarget,
+    /// The output register.
+    pub output: Option<(u8, Source)>,
+    /// The last byte read.
+    pub last_read: u8,
+    /// Controller replies waiting.
+    pub controller_out: Vec<(u8, Source)>,
+    /// Keyboard bytes waiting.
+    pub keyboard_out: Vec<u8>,
+    /// A keyboard command waiting for its argument.
+    pub kbd_awaiting_arg: Option<u8>,
+    /// The keyboard scans (sends keys).
+    pub kbd_scanning: bool,
+    /// The keyboard's scancode set.
+    pub kbd_set: u8,
+    /// Its LEDs.
+    pub kbd_leds: u8,
+    /// Its typematic rate.
+    pub kbd_typematic: u8,
+    /// The last byte it sent (for resend).
+    pub kbd_last_sent: u8,
+}
+
+impl Persist for I8042 {
+    type State = I8042State;
+
+    fn save(&self) -> I8042State {
+        let k = &self.keyboard;
+        I8042State {
+            command_byte: self.command_byte,
+            last_was_command: self.last_was_command,
+            data_target: self.data_target,
+            output: self.output,
+            last_read: self.last_read,
+            controller_out: self.controller_out.iter().copied().collect(),
+            keyboard_out: self.keyboard_out.iter().copied().collect(),
+            kbd_awaiting_arg: k.awaiting_arg,
+            kbd_scanning: k.scanning,
+            kbd_set: k.set,
+            kbd_leds: k.leds,
+            kbd_typematic: k.typematic,
+            kbd_last_sent: k.last_sent,
+        }
+    }
+
+    fn restore(&mut self, s: &I8042State) -> Result<(), StateError> {
+        if s.controller_out.len() > MAX_PENDING || s.keyboard_out.len() > MAX_PENDING {
+            return Err(StateError::new(
+                "i8042",
+                "more bytes waiting than the buffers hold",
+            ));
+        }
+        if !(1..=3).contains(&s.kbd_set) {
+            return Err(StateError::new(
+                "i8042",
+                format!("scancode set {}", s.kbd_set),
+            ));
+        }
+        self.command_byte = s.command_byte;
+        self.last_was_command = s.last_was_command;
+        self.data_target = s.data_target;
+        self.output = s.output;
+        self.last_read = s.last_read;
+        self.controller_out = s.controller_out.iter().copied().collect();
+        self.keyboard_out = s.keyboard_out.iter().copied().collect();
+        let k = &mut self.keyboard;
+        k.awaiting_arg = s.kbd_awaiting_arg;
+        k.scanning = s.kbd_scanning;
+        k.set = s.kbd_set;
+        k.leds = s.kbd_leds;
+        k.typematic = s.kbd_typematic;
+        k.last_sent = s.kbd_last_sent;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -818,5 +911,23 @@ mod tests {
         let mut b = [0u8];
         d.read(OFFSET_DATA, &mut b);
         assert_eq!(b[0], KBD_ECHO);
+    }
+
+    #[test]
+    fn state_round_trips_with_bytes_waiting_and_hostile_state_is_refused() {
+        let mut a = Rig::new();
+        a.dev.write(OFFSET_COMMAND, &[0x60]); // the next data byte is the command byte
+        a.dev.write(OFFSET_DATA, &[0x47]);
+        a.dev.write(OFFSET_DATA, &[0xed]); // LEDs, waiting for its argument
+        assert!(a.dev.send_ctrl_alt_del());
+        let mut b = Rig::new();
+        crate::persist::assert_round_trip(&a.dev, &mut b.dev);
+        assert_eq!(a.read_data(), b.read_data());
+        let mut bad = a.dev.save();
+        bad.keyboard_out = vec![0; 1000];
+        assert!(b.dev.restore(&bad).is_err());
+        bad = a.dev.save();
+        bad.kbd_set = 9;
+        assert!(b.dev.restore(&bad).is_err());
     }
 }

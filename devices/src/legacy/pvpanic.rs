@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 use crate::{ExitSink, GuestExit};
 
 /// The port QEMU's ISA pvpanic device uses (and the DSDT names).
@@ -50,6 +53,28 @@ impl BusDevice for PvPanic {
         }
         self.reported = true;
         self.exit.guest_exit(GuestExit::Panic(value & SUPPORTED));
+    }
+}
+
+/// Whether the guest's panic was reported already.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PvPanicState {
+    /// A panic was reported.
+    pub reported: bool,
+}
+
+impl Persist for PvPanic {
+    type State = PvPanicState;
+
+    fn save(&self) -> PvPanicState {
+        PvPanicState {
+            reported: self.reported,
+        }
+    }
+
+    fn restore(&mut self, s: &PvPanicState) -> Result<(), StateError> {
+        self.reported = s.reported;
+        Ok(())
     }
 }
 
@@ -103,5 +128,15 @@ mod tests {
         let mut b = [0xffu8; 4];
         d.read(0, &mut b);
         assert_eq!(b, [SUPPORTED, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_reported_panic_stays_reported_across_a_restore() {
+        let (mut a, _) = dev();
+        a.write(0, &[PVPANIC_PANICKED]);
+        let (mut b, exit_b) = dev();
+        crate::persist::assert_round_trip(&a, &mut b);
+        b.write(0, &[PVPANIC_PANICKED]);
+        assert!(exit_b.taken().is_empty());
     }
 }

@@ -7,10 +7,12 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 use crate::Interrupt;
 
 /// COM1's base port.
@@ -48,6 +50,8 @@ impl SerialEvents for RxSpace {
 /// The UART on the PIO bus.
 pub struct SerialDevice {
     serial: Serial<IrqTrigger, RxSpace, Box<dyn Write + Send>>,
+    irq: Arc<dyn Interrupt>,
+    rx_space: Arc<dyn Interrupt>,
 }
 
 impl SerialDevice {
@@ -59,7 +63,9 @@ impl SerialDevice {
         out: Box<dyn Write + Send>,
     ) -> Self {
         SerialDevice {
-            serial: Serial::with_events(IrqTrigger(irq), RxSpace(rx_space), out),
+            serial: Serial::with_events(IrqTrigger(irq.clone()), RxSpace(rx_space.clone()), out),
+            irq,
+            rx_space,
         }
     }
 
@@ -101,6 +107,91 @@ impl BusDevice for SerialDevice {
         if let Err(e) = self.serial.write(off, value) {
             log::debug!("serial: output byte lost: {e:?}");
         }
+    }
+}
+
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`, as serde data).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+/// IIR bit 0: no interrupt pending.
+const IIR_NONE_PENDING: u8 = 1;
+
+impl Persist for SerialDevice {
+    type State = SerialDeviceState;
+
+    fn save(&self) -> SerialDeviceState {
+        let s = self.serial.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART that had an interrupt pending (a guest waiting for "transmitter empty" to send
+    /// its next byte, say) raises it again: the edge it fired before the snapshot is gone.
+    fn restore(&mut self, st: &SerialDeviceState) -> Result<(), StateError> {
+        let state = SerialState {
+            baud_divisor_low: st.baud_divisor_low,
+            baud_divisor_high: st.baud_divisor_high,
+            interrupt_enable: st.interrupt_enable,
+            interrupt_identification: st.interrupt_identification,
+            line_control: st.line_control,
+            line_status: st.line_status,
+            modem_control: st.modem_control,
+            modem_status: st.modem_status,
+            scratch: st.scratch,
+            in_buffer: st.in_buffer.clone(),
+        };
+        let placeholder = Serial::with_events(
+            IrqTrigger(self.irq.clone()),
+            RxSpace(self.rx_space.clone()),
+            Box::new(io::sink()) as Box<dyn Write + Send>,
+        );
+        let old = std::mem::replace(&mut self.serial, placeholder);
+        let out = old.into_writer();
+        self.serial = Serial::from_state(
+            &state,
+            IrqTrigger(self.irq.clone()),
+            RxSpace(self.rx_space.clone()),
+            out,
+        )
+        .map_err(|e| StateError::new("serial", format!("{e:?}")))?;
+        if st.interrupt_identification & IIR_NONE_PENDING == 0 {
+            if let Err(e) = self.irq.trigger() {
+                log::warn!("serial: cannot raise the restored interrupt: {e}");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -190,5 +281,28 @@ mod tests {
         d.read(3, &mut []);
         d.write(7, &[]);
         d.write(1000, &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_pending_interrupt_is_raised_again() {
+        let (mut a, _, _, _) = uart();
+        a.write(IER, &[0x02]); // transmitter-empty interrupt on: it is now pending
+        a.write(3, &[0x1b]);
+        a.queue_input(b"xy");
+        let (mut b, irq_b, _, out_b) = uart();
+        crate::persist::assert_round_trip(&a, &mut b);
+        assert!(irq_b.count() >= 1, "pending interrupt raised again");
+        b.write(DATA, b"z");
+        assert_eq!(
+            out_b.0.lock().unwrap().as_slice(),
+            b"z",
+            "output still flows"
+        );
+        assert_eq!(read(&mut b, DATA), b'x');
+        let bad = SerialDeviceState {
+            in_buffer: vec![0; 100_000],
+            ..a.save()
+        };
+        assert!(b.restore(&bad).is_err());
     }
 }

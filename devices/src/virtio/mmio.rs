@@ -6,15 +6,18 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{check_layout, QueueConfig, QueueSetupError};
+use super::queue::{check_layout, QueueConfig, QueuePosition, QueueSetupError};
 use super::{
     error_chain, features, status, ActivateError, RateLimitedLog, VirtioDevice, VirtioInterrupt,
 };
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 
 /// "virt"
 const MAGIC: u32 = 0x7472_6976;
@@ -262,6 +265,117 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// The transport's registers, the driver's queue setup and, for a running device, where
+/// each queue is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// QueueSel.
+    pub queue_select: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// The driver's features.
+    pub driver_features: u64,
+    /// Status as the driver wrote it.
+    pub status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// The device asked for a reset.
+    pub needs_reset: bool,
+    /// Each queue's registers.
+    pub queues: Vec<QueueConfig>,
+    /// Each queue's position, when the device runs.
+    pub positions: Vec<QueuePosition>,
+}
+
+impl MmioTransport {
+    fn restore_queues(&mut self, st: &MmioState) -> Result<Vec<Queue>, StateError> {
+        let err = |m: String| StateError::new("virtio-mmio", m);
+        if st.positions.len() != self.queues.len() {
+            return Err(err(format!(
+                "{} queue positions for {} queues",
+                st.positions.len(),
+                self.queues.len()
+            )));
+        }
+        let event_idx = st.driver_features & features::RING_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, (c, pos)) in self.queues.iter().zip(&st.positions).enumerate() {
+            let mut q = c
+                .build(i, &self.mem, event_idx)
+                .map_err(|e| err(error_chain(&e)))?;
+            q.set_next_avail(pos.next_avail);
+            q.set_next_used(pos.next_used);
+            queues.push(q);
+        }
+        check_layout(&self.queues).map_err(|e| err(error_chain(&e)))?;
+        Ok(queues)
+    }
+}
+
+impl Persist for MmioTransport {
+    type State = MmioState;
+
+    fn save(&self) -> MmioState {
+        MmioState {
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues: self.queues.clone(),
+            positions: lock(&self.device).queue_positions(),
+        }
+    }
+
+    /// Checks the saved setup as DRIVER_OK would and starts a device that was running,
+    /// its queues where they were; a device that never ran is not touched.
+    fn restore(&mut self, st: &MmioState) -> Result<(), StateError> {
+        let err = |m: String| StateError::new("virtio-mmio", m);
+        let same_queues = st.queues.len() == self.queues.len()
+            && st
+                .queues
+                .iter()
+                .zip(&self.queues)
+                .all(|(a, b)| a.max_size == b.max_size);
+        if !same_queues {
+            return Err(err("the saved queues are not this device's".into()));
+        }
+        lock(&self.device).reset();
+        self.queues = st.queues.clone();
+        self.queue_select = st.queue_select;
+        self.device_features_select = st.device_features_select;
+        self.driver_features_select = st.driver_features_select;
+        self.driver_features = st.driver_features;
+        self.status = st.status & !status::DEVICE_NEEDS_RESET;
+        self.config_generation = st.config_generation;
+        self.interrupt.restore(st.interrupt_status, st.needs_reset);
+        if self.status & status::FEATURES_OK != 0 {
+            let offered = lock(&self.device).features();
+            if st.driver_features & !offered != 0 || st.driver_features & features::VERSION_1 == 0 {
+                return Err(err("the saved features are not this device's".into()));
+            }
+            lock(&self.device).ack_features(st.driver_features);
+        }
+        let running = self.status & (status::DRIVER_OK | status::FEATURES_OK)
+            == status::DRIVER_OK | status::FEATURES_OK;
+        if running && !st.needs_reset {
+            let queues = self.restore_queues(st)?;
+            lock(&self.device)
+                .activate(self.mem.clone(), queues, self.interrupt.clone())
+                .map_err(|e| err(error_chain(&e)))?;
+        }
+        self.interrupt.retrigger();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,11 +389,21 @@ mod tests {
         activated: usize,
         resets: usize,
         interrupt: Option<Arc<VirtioInterrupt>>,
+        queues: Vec<Queue>,
     }
 
     impl VirtioDevice for Dummy {
         fn device_type(&self) -> u32 {
             42
+        }
+        fn queue_positions(&self) -> Vec<crate::virtio::queue::QueuePosition> {
+            self.queues
+                .iter()
+                .map(|q| crate::virtio::queue::QueuePosition {
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                })
+                .collect()
         }
         fn queue_max_sizes(&self) -> &[u16] {
             &[16]
@@ -302,10 +426,12 @@ mod tests {
         ) -> Result<(), super::super::ActivateError> {
             self.activated = q.len();
             self.interrupt = Some(interrupt);
+            self.queues = q;
             Ok(())
         }
         fn reset(&mut self) {
             self.resets += 1;
+            self.queues.clear();
         }
     }
 
@@ -511,5 +637,63 @@ mod tests {
         wr(&mut t, 0x30, 99);
         assert_eq!(rd(&mut t, 0x34), 0);
         wr(&mut t, 0x38, 8); // on a queue that does not exist
+    }
+
+    fn running_transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let (mut t, dev, _) = transport();
+        wr(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, 0x24, 1);
+        wr(&mut t, 0x20, 1);
+        wr(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        setup_queue(&mut t);
+        wr(&mut t, 0x70, 0xf);
+        (t, dev)
+    }
+
+    #[test]
+    fn a_running_device_restores_running_with_its_queue_positions() {
+        let (a, dev_a) = running_transport();
+        {
+            let mut d = dev_a.lock().unwrap();
+            d.queues[0].set_next_avail(5);
+            d.queues[0].set_next_used(4);
+        }
+        let (mut b, dev_b, _) = transport();
+        crate::persist::assert_round_trip(&a, &mut b);
+        let d = dev_b.lock().unwrap();
+        assert_eq!(d.activated, 1);
+        assert_eq!(d.acked, features::VERSION_1);
+        assert_eq!((d.queues[0].next_avail(), d.queues[0].next_used()), (5, 4));
+    }
+
+    #[test]
+    fn a_device_that_never_ran_restores_without_starting() {
+        let (a, _, _) = transport();
+        let (mut b, dev_b, _) = transport();
+        crate::persist::assert_round_trip(&a, &mut b);
+        assert_eq!(dev_b.lock().unwrap().activated, 0);
+    }
+
+    #[test]
+    fn hostile_saved_setups_are_refused() {
+        let (a, _) = running_transport();
+        let good = a.save();
+        let mut bad = good.clone();
+        bad.queues[0].desc_table = 1 << 40; // outside guest memory
+        let (mut b, _, _) = transport();
+        assert!(b.restore(&bad).is_err());
+        let mut bad = good.clone();
+        bad.positions.clear();
+        assert!(b.restore(&bad).is_err());
+        let mut bad = good.clone();
+        bad.driver_features = 1 << 63;
+        assert!(b.restore(&bad).is_err());
+        let mut bad = good;
+        bad.queues.push(bad.queues[0]);
+        assert!(b.restore(&bad).is_err());
     }
 }

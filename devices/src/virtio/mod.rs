@@ -118,6 +118,23 @@ impl VirtioInterrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
+    /// Puts back a saved interrupt status and needs-reset state (a restore).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status
+            .store(status & (INT_USED_RING | INT_CONFIG), Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
+    /// Raises the line again if an interrupt is pending (after a restore: the edge fired
+    /// before the snapshot is gone).
+    pub fn retrigger(&self) {
+        if self.status() != 0 {
+            if let Err(e) = self.line.trigger() {
+                log::warn!("virtio: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+
     /// Driver reset (by the transport, after the device's own reset): no interrupt pending,
     /// no reset needed.
     pub fn reset(&self) {
@@ -164,6 +181,8 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError>;
+    /// Where each running queue is, in queue order; empty while the device is not running.
+    fn queue_positions(&self) -> Vec<queue::QueuePosition>;
     /// Stops the device (driver reset): queues are dropped, features forgotten.
     ///
     /// Runs on a vCPU thread, so it only changes state: no disk or tap I/O. Work a reset

@@ -149,7 +149,7 @@ pub enum QueueSetupError {
 }
 
 /// A queue's registers as the driver wrote them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     /// QueueNumMax: the device's largest size.
     pub max_size: u16,
@@ -316,6 +316,15 @@ pub enum QueueError {
     Ring(#[source] virtio_queue::Error),
 }
 
+/// Where a running queue is: what a snapshot keeps besides the registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    /// The next available-ring entry the device takes.
+    pub next_avail: u16,
+    /// The next used-ring entry the device fills.
+    pub next_used: u16,
+}
+
 /// The device's side of a running split virtqueue; see the module documentation.
 pub struct DeviceQueue {
     queue: Queue,
@@ -332,6 +341,14 @@ impl DeviceQueue {
             queue,
             popped: 0,
             held: 0,
+        }
+    }
+
+    /// Where the queue is (chains given back are not taken: `give_back` moved it back).
+    pub fn position(&self) -> QueuePosition {
+        QueuePosition {
+            next_avail: self.queue.next_avail(),
+            next_used: self.queue.next_used(),
         }
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::queue::{DeviceQueue, QueueError};
+use super::queue::{DeviceQueue, QueueError, QueuePosition};
 use super::{
     device_type, error_chain, features, read_config_bytes, ActivateError, RateLimitedLog,
     VirtioDevice, VirtioInterrupt,
@@ -160,6 +160,12 @@ impl Block {
         put32(c, 0x30, request::MAX_SEGMENT_SECTORS); // max_write_zeroes_sectors
         put32(c, 0x34, request::MAX_SEGMENTS); // max_write_zeroes_seg
         c[0x38] = 1; // write_zeroes_may_unmap
+    }
+
+    /// Flushes the disk (before a snapshot, say); also pays a flush a reset left owed.
+    pub fn flush_disk(&mut self) -> Result<(), crate::disk::DiskError> {
+        self.flush_owed = false;
+        self.disk.flush()
     }
 
     /// The counters so far.
@@ -346,6 +352,13 @@ where
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         device_type::BLOCK
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.position()])
+            .unwrap_or_default()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

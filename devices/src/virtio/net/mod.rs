@@ -21,7 +21,7 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::queue::{DeviceQueue, QueueError};
+use super::queue::{DeviceQueue, QueueError, QueuePosition};
 use super::{
     device_type, error_chain, features, read_config_bytes, ActivateError, RateLimitedLog,
     VirtioDevice, VirtioInterrupt,
@@ -550,6 +550,13 @@ where
 impl<B: NetBackend> VirtioDevice for Net<B> {
     fn device_type(&self) -> u32 {
         device_type::NET
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(DeviceQueue::position).collect())
+            .unwrap_or_default()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

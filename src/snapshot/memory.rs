@@ -1,0 +1,215 @@
+//! Guest memory in a snapshot: its own file, the regions one after the other, pages of
+//! zeroes left as holes (the file is sparse). A restore maps the file `MAP_PRIVATE`: pages
+//! load when the guest first touches them and its writes stay in this process, so restoring
+//! costs the same for any size of guest RAM and one file can start many VMs.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
+};
+
+/// Bytes written per call.
+const CHUNK: usize = 1 << 20;
+/// Page size of the holes.
+const PAGE: usize = 4096;
+
+/// Where each region of guest memory is in the memory file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegion {
+    /// Guest physical address.
+    pub guest: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Offset in the file.
+    pub offset: u64,
+}
+
+/// Why memory cannot be saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// The file cannot be used.
+    #[error("{path}: {op}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not hold what the state says.
+    #[error("{path}: {what}")]
+    Mismatch {
+        /// The file.
+        path: String,
+        /// What does not fit.
+        what: String,
+    },
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> MemoryFileError + 'a {
+    move |source| MemoryFileError::Io {
+        path: path.display().to_string(),
+        op,
+        source,
+    }
+}
+
+/// Writes every region of `mem` to a new `path`; returns the layout.
+pub fn dump(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegion>, MemoryFileError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io_err(path, "cannot create"))?;
+    let mut layout = Vec::new();
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len();
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| MemoryFileError::Mismatch {
+                path: path.display().to_string(),
+                what: "a region has no host mapping".into(),
+            })?;
+        // SAFETY: [host, host + len) is this region's live mapping, owned by `mem` for the
+        // duration of this call; the guest is paused, and concurrent device writes would only
+        // change bytes, never the mapping.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) };
+        write_sparse(&f, bytes, offset).map_err(io_err(path, "cannot write"))?;
+        layout.push(MemoryRegion {
+            guest: region.start_addr().0,
+            len,
+            offset,
+        });
+        offset += len;
+    }
+    f.set_len(offset).map_err(io_err(path, "cannot size"))?;
+    f.sync_all().map_err(io_err(path, "cannot sync"))?;
+    Ok(layout)
+}
+
+/// Writes `bytes` at `at`, skipping pages of zeroes (they stay holes).
+fn write_sparse(f: &File, bytes: &[u8], at: u64) -> io::Result<()> {
+    for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+        let base = at + (i * CHUNK) as u64;
+        let mut run: Option<usize> = None;
+        for (p, page) in chunk.chunks(PAGE).enumerate() {
+            let zero = page.iter().all(|b| *b == 0);
+            match (zero, run) {
+                (false, None) => run = Some(p),
+                (true, Some(start)) => {
+                    f.write_all_at(&chunk[start * PAGE..p * PAGE], base + (start * PAGE) as u64)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            f.write_all_at(&chunk[start * PAGE..], base + (start * PAGE) as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Maps `path` as guest memory with the `layout` a snapshot recorded, privately (writes do
+/// not reach the file). `expected` is the guest RAM the VM's configuration says.
+pub fn map(
+    path: &Path,
+    layout: &[MemoryRegion],
+    expected: u64,
+) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let mismatch = |what: String| MemoryFileError::Mismatch {
+        path: path.display().to_string(),
+        what,
+    };
+    let f = File::open(path).map_err(io_err(path, "cannot open"))?;
+    let size = f.metadata().map_err(io_err(path, "cannot stat"))?.len();
+    let want: Vec<(GuestAddress, u64)> = boot::layout::ram_regions(expected);
+    let same = layout.len() == want.len()
+        && layout
+            .iter()
+            .zip(&want)
+            .all(|(r, (g, l))| r.guest == g.0 && r.len == *l);
+    if !same {
+        return Err(mismatch(format!(
+            "its regions do not match {} MiB of guest RAM",
+            expected >> 20
+        )));
+    }
+    let mut regions = Vec::with_capacity(layout.len());
+    for r in layout {
+        let end = r.offset.checked_add(r.len).filter(|e| *e <= size);
+        if end.is_none() || r.offset % PAGE as u64 != 0 {
+            return Err(mismatch(format!(
+                "the file holds {size} bytes, the snapshot needs {} at {}",
+                r.len, r.offset
+            )));
+        }
+        let file = f.try_clone().map_err(io_err(path, "cannot duplicate"))?;
+        let region = MmapRegionBuilder::new(r.len as usize)
+            .with_file_offset(FileOffset::new(file, r.offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| mismatch(format!("cannot map: {e}")))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(r.guest))
+            .ok_or_else(|| mismatch("a region wraps the address space".into()))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| mismatch(format!("bad regions: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn memory_round_trips_sparse_and_private() {
+        let mem = crate::memory::create_guest_memory(32 << 20).unwrap();
+        mem.write_slice(b"hello", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[0xaa; 8192], GuestAddress(20 << 20))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mem");
+        let layout = dump(&mem, &p).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.len(), 32 << 20);
+        assert!(meta.blocks() * 512 < 1 << 20, "zero pages are holes");
+        let back = map(&p, &layout, 32 << 20).unwrap();
+        let mut buf = [0u8; 5];
+        back.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf, b"hello");
+        back.write_slice(b"bye", GuestAddress(0x1000)).unwrap();
+        let again = map(&p, &layout, 32 << 20).unwrap();
+        again.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf, b"hello", "writes stay private");
+    }
+
+    #[test]
+    fn a_short_file_or_other_size_is_refused() {
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mem");
+        let layout = dump(&mem, &p).unwrap();
+        assert!(map(&p, &layout, 32 << 20).is_err());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        assert!(map(&p, &layout, 16 << 20).is_err());
+    }
+}
