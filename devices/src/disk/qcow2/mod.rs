@@ -16,6 +16,8 @@ pub mod compress;
 pub mod header;
 mod refcount;
 pub mod snapshot;
+
+pub use snapshot::{Snapshot, SnapshotMeta};
 pub mod table;
 
 use std::collections::HashSet;
@@ -47,6 +49,9 @@ pub enum QcowError {
     /// Bad creation parameters.
     #[error("{0}")]
     InvalidOption(String),
+    /// No internal snapshot has that ID or name.
+    #[error("snapshot '{0}' not found")]
+    NoSnapshot(String),
 }
 
 /// L2 tables kept in memory.
@@ -999,6 +1004,22 @@ impl DiskImage for Qcow2Image {
     fn read_only(&self) -> bool {
         self.read_only
     }
+
+    fn snapshot_list(&mut self) -> Result<Vec<Snapshot>, DiskError> {
+        self.snapshots()
+    }
+
+    fn snapshot_create(&mut self, name: &str, meta: SnapshotMeta) -> Result<Snapshot, DiskError> {
+        Qcow2Image::snapshot_create(self, name, meta)
+    }
+
+    fn snapshot_apply(&mut self, id_or_name: &str) -> Result<Snapshot, DiskError> {
+        Qcow2Image::snapshot_apply(self, id_or_name)
+    }
+
+    fn snapshot_delete(&mut self, name: &str) -> Result<Snapshot, DiskError> {
+        Qcow2Image::snapshot_delete(self, name)
+    }
 }
 
 impl Drop for Qcow2Image {
@@ -1153,5 +1174,7 @@ impl Qcow2Image {
     }
 }
 
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;
