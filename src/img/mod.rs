@@ -11,6 +11,7 @@ mod info;
 mod map;
 mod rebase;
 mod resize;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -101,6 +102,8 @@ pub enum ImgCommand {
     Map(map::MapArgs),
     /// Measure an image's I/O speed (qemu-img bench)
     Bench(bench::BenchArgs),
+    /// List, create, apply or delete internal snapshots (qemu-img snapshot)
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// `ember img VERB ...`
@@ -123,6 +126,7 @@ pub fn run(args: ImgArgs) -> ExitCode {
         ImgCommand::Compare(a) => compare::run(a),
         ImgCommand::Map(a) => map::run(a),
         ImgCommand::Bench(a) => bench::run(a),
+        ImgCommand::Snapshot(a) => snapshot::run(a),
     };
     match result {
         Ok(code) => code,
