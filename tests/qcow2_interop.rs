@@ -746,3 +746,24 @@ fn snapshot_errors_match_qemu_img_messages_and_status() {
     );
     assert_qemu_img_clean(&img);
 }
+
+#[test]
+fn convert_stops_with_an_error_when_the_source_breaks_midway() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("cut.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    qemu_io(&img, "qcow2", &["write -P 1 0 8M", "write -P 2 40M 8M"]);
+    // The second run of data clusters sits at the end of the file: cut it off.
+    let len = std::fs::metadata(&img).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(len - (4 << 20)).unwrap();
+    drop(f);
+    let out_path = dir.path().join("out.raw");
+    let out = ember()
+        .args(["img", "convert", "-O", "raw", s(&img), s(&out_path)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("past the end of the file"), "{err}");
+}

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::mpsc;
 
 use clap::Args;
 use devices::disk::{DiskImage, ImageFormat, OpenOptions, Qcow2Image};
@@ -143,35 +144,22 @@ pub fn run(args: ConvertArgs) -> ImgResult {
         Target::Compressed(q) => q.cluster_size().max(1 << 20),
         Target::Plain(_) => 1 << 20,
     };
-    let mut buf = vec![0u8; chunk as usize];
-    let mut pos = 0u64;
-    while pos < size {
-        let ext = src
-            .extent(pos, chunk.min(size - pos))
-            .map_err(ImgError::disk(format!(
-                "cannot read '{}'",
-                args.source.display()
-            )))?;
-        let len = ext.len.min(chunk - pos % chunk).max(1).min(size - pos);
-        if ext.zero {
+    let source_name = args.source.display().to_string();
+    copy_all(src.as_mut(), &source_name, size, chunk, |c| {
+        if c.zero {
             if args.no_create {
                 dst.image()
-                    .write_zeroes(pos, len, true)
+                    .write_zeroes(c.pos, c.len, true)
                     .map_err(ImgError::disk("cannot write the target"))?;
             }
         } else {
-            let data = &mut buf[..len as usize];
-            src.read_at(data, pos).map_err(ImgError::disk(format!(
-                "cannot read '{}'",
-                args.source.display()
-            )))?;
-            copy_chunk(&mut dst, &args, data, pos, sparse)?;
+            copy_chunk(&mut dst, &args, &c.buf[..c.len as usize], c.pos, sparse)?;
         }
-        pos += len;
         if let Some(b) = &bar {
-            b.set_position(pos);
+            b.set_position(c.pos + c.len);
         }
-    }
+        Ok(())
+    })?;
     if args.cache == "unsafe" {
         // Tables still reach the file (the page cache), without a sync.
         dst.image()
@@ -186,6 +174,75 @@ pub fn run(args: ConvertArgs) -> ImgResult {
         b.finish();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A piece of the source on its way to the target.
+struct Chunk {
+    pos: u64,
+    len: u64,
+    /// Reads as zeros (nothing was read into `buf`).
+    zero: bool,
+    buf: Vec<u8>,
+}
+
+/// Chunks read ahead of the writer.
+const READ_AHEAD: usize = 4;
+
+/// Reads the source in extents of at most `chunk` bytes on a reader thread while `write`
+/// stores the previous ones, so reading and writing overlap (qemu-img overlaps its requests
+/// the same way).
+fn copy_all(
+    src: &mut dyn DiskImage,
+    source_name: &str,
+    size: u64,
+    chunk: u64,
+    mut write: impl FnMut(&Chunk) -> Result<(), ImgError>,
+) -> Result<(), ImgError> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<Result<Chunk, ImgError>>(READ_AHEAD);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..READ_AHEAD + 1 {
+        let _ = free_tx.send(vec![0u8; chunk as usize]);
+    }
+    std::thread::scope(move |scope| {
+        scope.spawn(move || {
+            let read_err = || ImgError::disk(format!("cannot read '{source_name}'"));
+            let mut pos = 0u64;
+            while pos < size {
+                // The writer stopped (an error): stop reading.
+                let Ok(mut buf) = free_rx.recv() else { return };
+                let next = src.extent(pos, chunk.min(size - pos)).map_err(read_err());
+                let read = next.and_then(|ext| {
+                    let len = ext.len.min(chunk - pos % chunk).max(1).min(size - pos);
+                    if !ext.zero {
+                        src.read_at(&mut buf[..len as usize], pos)
+                            .map_err(read_err())?;
+                    }
+                    Ok(Chunk {
+                        pos,
+                        len,
+                        zero: ext.zero,
+                        buf,
+                    })
+                });
+                let failed = read.is_err();
+                if let Ok(c) = &read {
+                    pos += c.len;
+                }
+                if full_tx.send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        // Owning both channel ends here means an error return drops them, which stops the
+        // reader (its send or its wait for a buffer fails) before the scope joins it.
+        let (full_rx, free_tx) = (full_rx, free_tx);
+        for received in full_rx.iter() {
+            let c = received?;
+            write(&c)?;
+            let _ = free_tx.send(c.buf);
+        }
+        Ok(())
+    })
 }
 
 /// Where converted data goes.

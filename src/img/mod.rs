@@ -226,10 +226,11 @@ fn existing_format(path: &Path, format: Option<&str>) -> Result<ImageFormat, Img
 /// Parses `-t`/`-T` cache modes.
 fn parse_cache(option: &str, name: &str) -> Result<CacheMode, ImgError> {
     match name {
-        "writeback" | "unsafe" => Ok(CacheMode::Writeback),
+        "writeback" => Ok(CacheMode::Writeback),
+        "unsafe" => Ok(CacheMode::Unsafe),
         "none" | "directsync" => Ok(CacheMode::None),
         other => Err(ImgError::Usage(format!(
-            "{option} {other}: unknown cache mode; use writeback or none"
+            "{option} {other}: unknown cache mode; use writeback, unsafe or none"
         ))),
     }
 }

@@ -17,6 +17,9 @@ pub enum CacheMode {
     Writeback,
     /// O_DIRECT: bypass the host page cache; flush still = fdatasync.
     None,
+    /// Through the host page cache, and never synced (qemu's cache=unsafe, as `convert`
+    /// uses by default): fast, but a host crash may lose or tear what was written.
+    Unsafe,
 }
 
 /// Alignment used for direct I/O (covers 512- and 4096-byte logical blocks).
@@ -101,6 +104,8 @@ impl std::fmt::Display for LockConflict {
 pub struct HostFile {
     file: File,
     direct: bool,
+    /// Syncs are skipped (CacheMode::Unsafe).
+    no_sync: bool,
 }
 
 fn is_aligned(buf: &[u8], offset: u64) -> bool {
@@ -120,6 +125,7 @@ impl HostFile {
         Ok(HostFile {
             file: opts.open(path)?,
             direct: cache == CacheMode::None,
+            no_sync: cache == CacheMode::Unsafe,
         })
     }
 
@@ -128,6 +134,7 @@ impl HostFile {
         HostFile {
             file,
             direct: false,
+            no_sync: false,
         }
     }
 
@@ -204,8 +211,11 @@ impl HostFile {
         self.file.write_all_at(buf, offset)
     }
 
-    /// Makes written data durable (fdatasync).
+    /// Makes written data durable (fdatasync; nothing with CacheMode::Unsafe).
     pub fn sync(&self) -> io::Result<()> {
+        if self.no_sync {
+            return Ok(());
+        }
         self.file.sync_data()
     }
 
