@@ -289,7 +289,9 @@ impl Qcow2Image {
             unknown_extra: Vec::new(),
         };
         snapshots.push(snapshot.clone());
+        // The flags, the L1 copy and the refcounts are durable before the header commits.
         self.write_snapshot_table(&snapshots)?;
+        self.flush_all()?;
         Ok(snapshot)
     }
 
@@ -338,8 +340,8 @@ impl Qcow2Image {
         if disk_size != self.header.size {
             self.header.size = disk_size;
             self.pwrite(&disk_size.to_be_bytes(), 24, "writing the size")?;
-            self.sync()?;
         }
+        self.flush_all()?;
         Ok(snapshot)
     }
 
@@ -371,6 +373,7 @@ impl Qcow2Image {
         self.forget_cached_tables();
         self.apply_refcount_change(&refs, -1)?;
         self.update_copied_flags()?;
+        self.flush_all()?;
         Ok(snapshot)
     }
 
@@ -470,11 +473,9 @@ impl Qcow2Image {
     }
 
     /// Sets the COPIED flag of every active L1 and L2 entry whose cluster has refcount
-    /// one and clears the others; the refcounts reach the disk first, then the L2 tables,
-    /// then the L1 table.
+    /// one and clears the others, writing the tables that change (no sync: the caller's
+    /// next commit point makes them durable).
     fn update_copied_flags(&mut self) -> Result<(), DiskError> {
-        self.write_back_refcounts()?;
-        self.sync()?;
         let cs = self.cluster_size();
         let mut table = vec![0u8; cs as usize];
         let mut l1 = self.l1.clone();
@@ -515,11 +516,9 @@ impl Qcow2Image {
                 l2
             };
         }
-        self.sync()?;
         if l1 != self.l1 {
             self.write_l1(&l1)?;
             self.l1 = l1;
-            self.sync()?;
         }
         Ok(())
     }
@@ -567,8 +566,7 @@ impl Qcow2Image {
         for i in 0..old_len.div_ceil(cs) {
             self.change_refcount(old_offset + i * cs, -1)?;
         }
-        self.write_back_refcounts()?;
-        self.sync()
+        Ok(())
     }
 }
 
