@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use clap::Args;
+use devices::disk::file::AlignedBuf;
 use devices::disk::{DiskImage, HostFile, ImageFormat, OpenOptions};
 
 use super::{open, parse_cache, parse_size, ImgError, ImgResult};
@@ -212,7 +213,10 @@ fn worker(
     bufsize: u64,
     byte: u8,
 ) -> Result<(), devices::disk::DiskError> {
-    let mut buf = vec![byte; bufsize as usize];
+    // Page-aligned, as qemu-img's buffers are.
+    let mut aligned = AlignedBuf::new(bufsize as usize);
+    let buf = &mut aligned.as_mut_slice()[..bufsize as usize];
+    buf.fill(byte);
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= count {
@@ -227,7 +231,7 @@ fn worker(
             if let (0, Some(host), true, false) = (ext.depth, ext.offset, ext.data, ext.compressed)
             {
                 if ext.len >= bufsize {
-                    file.read_at(&mut buf, host)
+                    file.read_at(buf, host)
                         .map_err(devices::disk::DiskError::io("reading data", host))?;
                     continue;
                 }
@@ -242,12 +246,12 @@ fn worker(
             }
         };
         if write {
-            img.write_at(&buf, at)?;
+            img.write_at(buf, at)?;
             if flush_every > 0 && (i + 1).is_multiple_of(flush_every) {
                 img.flush()?;
             }
         } else {
-            img.read_at(&mut buf, at)?;
+            img.read_at(buf, at)?;
         }
     }
 }

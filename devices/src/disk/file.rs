@@ -25,7 +25,8 @@ pub enum CacheMode {
 /// Alignment used for direct I/O (covers 512- and 4096-byte logical blocks).
 const DIRECT_ALIGN: usize = 4096;
 
-/// A heap buffer aligned for direct I/O.
+/// A heap buffer aligned for direct I/O (and page-aligned, which also makes buffered
+/// copies to and from the page cache cheaper).
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
@@ -45,6 +46,12 @@ impl AlignedBuf {
             alloc::handle_alloc_error(layout);
         }
         AlignedBuf { ptr, len }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes and initialized (zeroed); shared borrow.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
     /// The bytes.

@@ -571,20 +571,14 @@ impl Qcow2Image {
         let count = entries.len() as u64;
         let run_bytes = (count * cs) as usize;
         let n = (run_bytes - in_cluster as usize).min(buf.len());
-        let mut data = vec![0u8; run_bytes];
-        // Copy-on-write of the partial first and last clusters.
-        if in_cluster != 0 || n < cs as usize {
-            self.read_cluster(entries[0], start_guest, &mut data[..cs as usize])?;
-        }
-        let end = in_cluster as usize + n;
-        if !end.is_multiple_of(cs as usize) && count > 1 {
-            let last = (count - 1) as usize;
-            let guest = start_guest + last as u64 * cs;
-            self.read_cluster(entries[last], guest, &mut data[last * cs as usize..])?;
-        }
-        data[in_cluster as usize..end].copy_from_slice(&buf[..n]);
-        let host = self.alloc_clusters(count)?;
-        self.pwrite(&data, host, "writing data")?;
+        let host = if in_cluster == 0 && n == run_bytes {
+            // Whole clusters: straight from the caller's buffer.
+            let host = self.alloc_clusters(count)?;
+            self.pwrite(&buf[..n], host, "writing data")?;
+            host
+        } else {
+            self.write_partial_run(&entries, start_guest, in_cluster, &buf[..n], count)?
+        };
         for (i, old) in entries.into_iter().enumerate() {
             let new = L2Entry::Normal {
                 offset: host + i as u64 * cs,
@@ -595,6 +589,33 @@ impl Qcow2Image {
         }
         self.l2_needs_refcount_sync = true;
         Ok(n)
+    }
+
+    /// Writes `data` at `in_cluster` into `count` new clusters, filling the rest of the
+    /// partial first and last clusters from what they read as now (copy-on-write).
+    fn write_partial_run(
+        &mut self,
+        entries: &[L2Entry],
+        start_guest: u64,
+        in_cluster: u64,
+        data: &[u8],
+        count: u64,
+    ) -> Result<u64, DiskError> {
+        let cs = self.cluster_size();
+        let mut run = vec![0u8; (count * cs) as usize];
+        let end = in_cluster as usize + data.len();
+        if in_cluster != 0 || data.len() < cs as usize {
+            self.read_cluster(entries[0], start_guest, &mut run[..cs as usize])?;
+        }
+        if !end.is_multiple_of(cs as usize) && count > 1 {
+            let last = (count - 1) as usize;
+            let guest = start_guest + last as u64 * cs;
+            self.read_cluster(entries[last], guest, &mut run[last * cs as usize..])?;
+        }
+        run[in_cluster as usize..end].copy_from_slice(data);
+        let host = self.alloc_clusters(count)?;
+        self.pwrite(&run, host, "writing data")?;
+        Ok(host)
     }
 
     /// Sets guest clusters fully inside `[offset, offset + len)` to `entry` (zero or

@@ -189,15 +189,10 @@ impl References {
     }
 
     /// Runs of (cluster index, references).
-    fn counted(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for &c in &self.clusters {
-            match out.last_mut() {
-                Some((last, n)) if *last == c => *n += 1,
-                _ => out.push((c, 1)),
-            }
-        }
-        out
+    fn counted(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.clusters
+            .chunk_by(|a, b| a == b)
+            .map(|run| (run[0], run.len() as u64))
     }
 }
 
