@@ -767,3 +767,15 @@ fn convert_stops_with_an_error_when_the_source_breaks_midway() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("past the end of the file"), "{err}");
 }
+
+#[test]
+fn convert_into_an_existing_raw_target_overwrites_every_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "24M"]);
+    qemu_io(&img, "qcow2", WRITES);
+    let target = dir.path().join("old.raw");
+    std::fs::write(&target, vec![0xeeu8; 24 << 20]).unwrap();
+    ember_img_ok(&["convert", "-n", "-O", "raw", s(&img), s(&target)]);
+    qemu_img(&["compare", "-F", "raw", s(&img), s(&target)]);
+}
