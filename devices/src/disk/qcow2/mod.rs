@@ -536,7 +536,7 @@ impl Qcow2Image {
                 copied: true,
             } = entry
             {
-                let n = ((cs - in_cluster) as usize).min(buf.len() - done);
+                let n = self.in_place_run(table, l2i, host, in_cluster, buf.len() - done)?;
                 self.pwrite(&buf[done..done + n], host + in_cluster, "writing data")?;
                 n
             } else {
@@ -545,6 +545,34 @@ impl Qcow2Image {
             done += n;
         }
         Ok(())
+    }
+
+    /// Bytes (up to `max`) writable in place from `in_cluster` of the cluster at entry
+    /// `first` of L2 `table` (host `host`): it and the following clusters of the table
+    /// that are also ours alone and follow it on the host, so one pwrite covers them.
+    fn in_place_run(
+        &mut self,
+        table: u64,
+        first: usize,
+        host: u64,
+        in_cluster: u64,
+        max: usize,
+    ) -> Result<usize, DiskError> {
+        let cs = self.cluster_size() as usize;
+        let mut n = (cs - in_cluster as usize).min(max);
+        let mut index = first + 1;
+        while n < max && (index as u64) < self.l2_entries() {
+            let next_host = host + (index - first) as u64 * cs as u64;
+            match self.l2_entry(table, index)? {
+                L2Entry::Normal {
+                    offset,
+                    copied: true,
+                } if offset == next_host => n += cs.min(max - n),
+                _ => break,
+            }
+            index += 1;
+        }
+        Ok(n)
     }
 
     /// Writes into new clusters from guest `pos`, for as many following clusters of the same
