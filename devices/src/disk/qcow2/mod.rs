@@ -750,7 +750,8 @@ impl Qcow2Image {
             _ => self.alloc_clusters(1)?,
         };
         self.pwrite(&packed, offset, "writing a compressed cluster")?;
-        self.compressed_cursor = Some((offset + len).next_multiple_of(512));
+        // Byte-granular packing, as qemu: the entry covers whole sectors, the data does not.
+        self.compressed_cursor = Some(offset + len);
         let table = self.l2_for_write(guest)?;
         let (_, l2i, _) = self.split(guest);
         let old = self.l2_entry(table, l2i)?;
