@@ -270,9 +270,7 @@ mod tests {
             date_nsec: 0,
             vm_clock_nsec: 3_723_004_000_000,
             vm_state_size: 1_323_008,
-            disk_size: None,
-            icount: None,
-            unknown_extra: Vec::new(),
+            ..Default::default()
         }
     }
 

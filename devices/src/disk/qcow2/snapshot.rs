@@ -29,7 +29,7 @@ pub const MAX_NAME_LEN: usize = 255;
 const HEADER_SNAPSHOT_FIELDS: u64 = 60;
 
 /// One internal snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Its L1 table.
     pub l1_table_offset: u64,
@@ -53,6 +53,9 @@ pub struct Snapshot {
     pub icount: Option<u64>,
     /// Extra data past the fields we know, kept as found.
     pub unknown_extra: Vec<u8>,
+    /// The ID and name bytes as found, when either is not UTF-8 (`id` and `name` then
+    /// hold a lossy rendering); a rewritten table keeps these bytes.
+    pub raw_strings: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// What the caller of [`Qcow2Image::snapshot_create`] says about the new snapshot.
@@ -126,6 +129,8 @@ pub(super) fn parse_table(
                 .then(|| get_be64(extra, 2))
                 .filter(|i| *i != u64::MAX),
             unknown_extra: extra.get(EXTRA_DATA_LEN..).unwrap_or_default().to_vec(),
+            raw_strings: (std::str::from_utf8(id).is_err() || std::str::from_utf8(name).is_err())
+                .then(|| (id.to_vec(), name.to_vec())),
         });
         at = strings_at + id_len + name_len;
     }
@@ -140,8 +145,12 @@ pub(super) fn serialize_table(snapshots: &[Snapshot], disk_size: u64) -> Vec<u8>
         let mut fixed = [0u8; 40];
         fixed[..8].copy_from_slice(&s.l1_table_offset.to_be_bytes());
         fixed[8..12].copy_from_slice(&s.l1_size.to_be_bytes());
-        fixed[12..14].copy_from_slice(&(s.id.len() as u16).to_be_bytes());
-        fixed[14..16].copy_from_slice(&(s.name.len() as u16).to_be_bytes());
+        let (id, name) = match &s.raw_strings {
+            Some((id, name)) => (id.as_slice(), name.as_slice()),
+            None => (s.id.as_bytes(), s.name.as_bytes()),
+        };
+        fixed[12..14].copy_from_slice(&(id.len() as u16).to_be_bytes());
+        fixed[14..16].copy_from_slice(&(name.len() as u16).to_be_bytes());
         fixed[16..20].copy_from_slice(&s.date_sec.to_be_bytes());
         fixed[20..24].copy_from_slice(&s.date_nsec.to_be_bytes());
         fixed[24..32].copy_from_slice(&s.vm_clock_nsec.to_be_bytes());
@@ -155,8 +164,8 @@ pub(super) fn serialize_table(snapshots: &[Snapshot], disk_size: u64) -> Vec<u8>
         out.extend_from_slice(&s.disk_size.unwrap_or(disk_size).to_be_bytes());
         out.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
         out.extend_from_slice(&s.unknown_extra);
-        out.extend_from_slice(s.id.as_bytes());
-        out.extend_from_slice(s.name.as_bytes());
+        out.extend_from_slice(id);
+        out.extend_from_slice(name);
     }
     out
 }
@@ -282,6 +291,7 @@ impl Qcow2Image {
             disk_size: Some(self.header.size),
             icount: meta.icount,
             unknown_extra: Vec::new(),
+            raw_strings: None,
         };
         snapshots.push(snapshot.clone());
         // The flags, the L1 copy and the refcounts are durable before the header commits.

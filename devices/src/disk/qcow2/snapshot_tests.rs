@@ -354,6 +354,7 @@ fn the_table_keeps_unknown_extra_data_and_reads_entries_without_any() {
         disk_size: Some(1 << 20),
         icount: None,
         unknown_extra: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        raw_strings: None,
     };
     let bytes = snapshot::serialize_table(std::slice::from_ref(&old), 0);
     let (back, len) = snapshot::parse_table(&bytes, 1, 65536).unwrap();
@@ -371,6 +372,17 @@ fn the_table_keeps_unknown_extra_data_and_reads_entries_without_any() {
     assert_eq!(
         (back[0].id.as_str(), back[0].name.as_str(), back[0].icount),
         ("1", "ab", None)
+    );
+    // A name that is not UTF-8 survives a rewrite byte for byte.
+    let mut latin = v2.clone();
+    latin[42] = 0xe9;
+    let (back, _) = snapshot::parse_table(&latin, 1, 65536).unwrap();
+    assert_eq!(back[0].name, "a\u{fffd}");
+    let again = snapshot::serialize_table(&back, 0);
+    let (back2, _) = snapshot::parse_table(&again, 1, 65536).unwrap();
+    assert_eq!(
+        back2[0].raw_strings,
+        Some((b"1".to_vec(), b"a\xe9".to_vec()))
     );
 }
 
