@@ -180,7 +180,8 @@ pub trait DiskImage: Send {
         let _ = (name, meta);
         Err(self.unsupported("internal snapshots"))
     }
-    /// Makes the snapshot with ID or name `id_or_name` the current disk.
+    /// Makes the snapshot with ID or name `id_or_name` the current disk; the disk takes the
+    /// size it had then, so a caller that exposes [`DiskImage::size`] must read it again.
     fn snapshot_apply(&mut self, id_or_name: &str) -> Result<Snapshot, DiskError> {
         let _ = id_or_name;
         Err(self.unsupported("internal snapshots"))
