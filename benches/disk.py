@@ -38,11 +38,22 @@ def in_turn(run, pair):
 
 
 def timed(argv):
+    return timed_cpu(argv)[0]
+
+
+def timed_cpu(argv):
+    """(wall seconds, CPU seconds: user + system) of one run. On a shared machine the wall
+    time also holds waits for a CPU; the CPU time says what the work itself cost."""
     # Dirty pages of the previous run would be written back during this one: not its cost.
     os.sync()
+    before = os.times()
     t = time.monotonic()
     sh(*argv)
-    return time.monotonic() - t
+    wall = time.monotonic() - t
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + \
+        (after.children_system - before.children_system)
+    return wall, cpu
 
 
 def bench_table(workdir, runs):
@@ -60,7 +71,7 @@ def bench_table(workdir, runs):
         ("1M seq write  qd32", ["-w", "-c", "1000", "-d", "32", "-s", "1M"]),
     ]
     print("\n== img bench: 1 GiB qcow2 (preallocation=full), cache=writeback, "
-          f"median of {runs} alternating runs")
+          f"one untimed warm-up each, median of {runs} alternating runs")
     print(f"{'case':20s} {'ember MiB/s':>12s} {'qemu-img MiB/s':>15s} {'ember IOPS':>11s} "
           f"{'qemu-img IOPS':>14s}")
     for name, args in cases:
@@ -68,9 +79,13 @@ def bench_table(workdir, runs):
         size = 4096 if "4k" in args else 1 << 20
         res = {"ember": [], "qemu": []}
         argv = {"ember": [EMBER, "img", "bench"], "qemu": ["qemu-img", "bench"]}
-        for run in range(runs):
+        # One untimed warm-up each: the first run of a case would pay for faulting the
+        # image back into the page cache for whichever tool goes first.
+        for run in range(-1, runs):
             for tool in in_turn(run, ("ember", "qemu")):
-                res[tool].append(timed([*argv[tool], "-f", "qcow2", *args, img]))
+                t = timed([*argv[tool], "-f", "qcow2", *args, img])
+                if run >= 0:
+                    res[tool].append(t)
         e, q = statistics.median(res["ember"]), statistics.median(res["qemu"])
         mib = lambda t: count * size / t / (1 << 20)
         print(f"{name:20s} {mib(e):12.1f} {mib(q):15.1f} {count / e:11.0f} {count / q:14.0f}")
@@ -96,7 +111,8 @@ def convert_table(workdir, runs):
     print(f"\n== convert: 1 GiB image, 512 MiB of data, default target cache (unsafe: no "
           f"final sync, as qemu-img), one untimed warm-up each, median of {runs} "
           f"alternating runs")
-    print(f"{'case':20s} {'ember s':>9s} {'qemu-img s':>11s}")
+    print(f"{'case':20s} {'ember s':>9s} {'qemu-img s':>11s} {'ember cpu s':>12s} "
+          f"{'qemu-img cpu s':>15s}")
     for name, args, s in cases:
         res = {EMBER: [], "qemu-img": []}
         # The first reader of a freshly written source pays for it: a warm-up for both.
@@ -106,11 +122,12 @@ def convert_table(workdir, runs):
                     os.remove(out)
                 argv = [EMBER, "img", "convert", *args, s, out] if tool == EMBER else \
                     ["qemu-img", "convert", *args, s, out]
-                t = timed(argv)
+                t = timed_cpu(argv)
                 if run >= 0:
                     res[tool].append(t)
-        e, q = statistics.median(res[EMBER]), statistics.median(res["qemu-img"])
-        print(f"{name:20s} {e:9.2f} {q:11.2f}")
+        med = lambda tool, i: statistics.median(r[i] for r in res[tool])
+        print(f"{name:20s} {med(EMBER, 0):9.2f} {med('qemu-img', 0):11.2f} "
+              f"{med(EMBER, 1):12.2f} {med('qemu-img', 1):15.2f}")
 
 
 def snapshot_table(workdir, runs):
