@@ -6,7 +6,10 @@
    1 MiB sequential, read and write, queue depth 1 and 32.
 2. `ember img convert` vs `qemu-img convert` of a 1 GiB image (qcow2 -> raw, raw -> qcow2,
    raw -> compressed qcow2).
-3. Guest `dd` through virtio-blk (64 MiB write + fsync, read with the guest's page cache
+3. `ember img snapshot -c/-a/-d` vs `qemu-img snapshot -c/-a/-d` on one 1 GiB qcow2 holding
+   512 MiB of data (each tool in turn creates, applies and deletes a snapshot, so the image
+   is back where it started before the other's turn).
+4. Guest `dd` through virtio-blk (64 MiB write + fsync, read with the guest's page cache
    dropped) under ember vs qemu microvm, same guest.
 
 usage: benches/disk.sh [--skip-guest | --guest-only] [--runs N]
@@ -28,12 +31,29 @@ def sh(*argv, **kw):
                           text=True, **kw)
 
 
+def in_turn(run, pair):
+    """The pair in the order for run `run`: who goes first alternates, so neither tool
+    always pays for what the other left behind (dirty pages, a freed file's blocks)."""
+    return pair if run % 2 == 0 else pair[::-1]
+
+
 def timed(argv):
+    return timed_cpu(argv)[0]
+
+
+def timed_cpu(argv):
+    """(wall seconds, CPU seconds: user + system) of one run. On a shared machine the wall
+    time also holds waits for a CPU; the CPU time says what the work itself cost."""
     # Dirty pages of the previous run would be written back during this one: not its cost.
     os.sync()
+    before = os.times()
     t = time.monotonic()
     sh(*argv)
-    return time.monotonic() - t
+    wall = time.monotonic() - t
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + \
+        (after.children_system - before.children_system)
+    return wall, cpu
 
 
 def bench_table(workdir, runs):
@@ -51,46 +71,83 @@ def bench_table(workdir, runs):
         ("1M seq write  qd32", ["-w", "-c", "1000", "-d", "32", "-s", "1M"]),
     ]
     print("\n== img bench: 1 GiB qcow2 (preallocation=full), cache=writeback, "
-          f"median of {runs} alternating runs")
+          f"one untimed warm-up each, median of {runs} alternating runs")
     print(f"{'case':20s} {'ember MiB/s':>12s} {'qemu-img MiB/s':>15s} {'ember IOPS':>11s} "
           f"{'qemu-img IOPS':>14s}")
     for name, args in cases:
         count = int(args[args.index("-c") + 1])
         size = 4096 if "4k" in args else 1 << 20
         res = {"ember": [], "qemu": []}
-        for _ in range(runs):
-            res["ember"].append(timed([EMBER, "img", "bench", "-f", "qcow2", *args, img]))
-            res["qemu"].append(timed(["qemu-img", "bench", "-f", "qcow2", *args, img]))
+        argv = {"ember": [EMBER, "img", "bench"], "qemu": ["qemu-img", "bench"]}
+        # One untimed warm-up each: the first run of a case would pay for faulting the
+        # image back into the page cache for whichever tool goes first.
+        for run in range(-1, runs):
+            for tool in in_turn(run, ("ember", "qemu")):
+                t = timed([*argv[tool], "-f", "qcow2", *args, img])
+                if run >= 0:
+                    res[tool].append(t)
         e, q = statistics.median(res["ember"]), statistics.median(res["qemu"])
         mib = lambda t: count * size / t / (1 << 20)
         print(f"{name:20s} {mib(e):12.1f} {mib(q):15.1f} {count / e:11.0f} {count / q:14.0f}")
 
 
+def half_full_image(path):
+    """A 1 GiB qcow2 with 512 MiB of data: 1 MiB extents with varied patterns."""
+    sh("qemu-img", "create", "-q", "-f", "qcow2", path, "1G")
+    cmds = []
+    for i in range(0, 1024, 2):
+        cmds += ["-c", f"write -P {i % 250 + 1} {i}M 1M"]
+    sh("qemu-io", "-f", "qcow2", *cmds, path)
+
+
 def convert_table(workdir, runs):
     src = os.path.join(workdir, "src.qcow2")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", src, "1G")
-    cmds = []
-    for i in range(0, 1024, 2):  # half the disk: 1 MiB extents with varied patterns
-        cmds += ["-c", f"write -P {i % 250 + 1} {i}M 1M"]
-    sh("qemu-io", "-f", "qcow2", *cmds, src)
+    half_full_image(src)
     raw = os.path.join(workdir, "src.raw")
     sh("qemu-img", "convert", "-O", "raw", src, raw)
     out = os.path.join(workdir, "out")
     cases = [("qcow2 -> raw", ["-O", "raw"], src), ("raw -> qcow2", ["-O", "qcow2"], raw),
              ("raw -> qcow2 -c", ["-c", "-O", "qcow2"], raw)]
     print(f"\n== convert: 1 GiB image, 512 MiB of data, default target cache (unsafe: no "
-          f"final sync, as qemu-img), median of {runs} alternating runs")
-    print(f"{'case':20s} {'ember s':>9s} {'qemu-img s':>11s}")
+          f"final sync, as qemu-img), one untimed warm-up each, median of {runs} "
+          f"alternating runs")
+    print(f"{'case':20s} {'ember s':>9s} {'qemu-img s':>11s} {'ember cpu s':>12s} "
+          f"{'qemu-img cpu s':>15s}")
     for name, args, s in cases:
-        e, q = [], []
-        for _ in range(runs):
-            for tool, acc in ((EMBER, e), ("qemu-img", q)):
+        res = {EMBER: [], "qemu-img": []}
+        # The first reader of a freshly written source pays for it: a warm-up for both.
+        for run in range(-1, runs):
+            for tool in in_turn(run, (EMBER, "qemu-img")):
                 if os.path.exists(out):
                     os.remove(out)
                 argv = [EMBER, "img", "convert", *args, s, out] if tool == EMBER else \
                     ["qemu-img", "convert", *args, s, out]
-                acc.append(timed(argv))
-        print(f"{name:20s} {statistics.median(e):9.2f} {statistics.median(q):11.2f}")
+                t = timed_cpu(argv)
+                if run >= 0:
+                    res[tool].append(t)
+        med = lambda tool, i: statistics.median(r[i] for r in res[tool])
+        print(f"{name:20s} {med(EMBER, 0):9.2f} {med('qemu-img', 0):11.2f} "
+              f"{med(EMBER, 1):12.2f} {med('qemu-img', 1):15.2f}")
+
+
+def snapshot_table(workdir, runs):
+    img = os.path.join(workdir, "snap.qcow2")
+    half_full_image(img)
+    tools = {"ember": [EMBER, "img", "snapshot"], "qemu-img": ["qemu-img", "snapshot"]}
+    ops = (("create (-c)", "-c"), ("apply (-a)", "-a"), ("delete (-d)", "-d"))
+    res = {(t, op): [] for t in tools for _, op in ops}
+    for run in range(runs):
+        for tool in in_turn(run, tuple(tools)):
+            for _, op in ops:
+                res[tool, op].append(timed([*tools[tool], op, "bench", img]))
+    sh("qemu-img", "check", img)
+    print(f"\n== snapshot: 1 GiB qcow2 with 512 MiB of data, each tool creates, applies and "
+          f"deletes a snapshot in turn, median of {runs} alternating runs")
+    print(f"{'case':20s} {'ember ms':>9s} {'qemu-img ms':>12s}")
+    for name, op in ops:
+        e = statistics.median(res["ember", op]) * 1000
+        q = statistics.median(res["qemu-img", op]) * 1000
+        print(f"{name:20s} {e:9.1f} {q:12.1f}")
 
 
 DD_MIB = 32
@@ -154,6 +211,7 @@ def main():
         if not args.guest_only:
             bench_table(d, args.runs)
             convert_table(d, args.runs)
+            snapshot_table(d, args.runs)
         if not args.skip_guest:
             guest_dd(d, max(1, args.runs // 2))
 

@@ -503,3 +503,279 @@ fn hostile_files_are_clear_errors_from_ember_img() {
         assert!(err.contains("past the end of the file"), "{verb}: {err}");
     }
 }
+
+// ---- internal snapshots, both ways ------------------------------------------------------
+
+/// `TOOL snapshot ARGS FILE` with TOOL "ember" or "qemu-img", asserted to succeed.
+fn snapshot(tool_name: &str, args: &[&str], img: &Path) {
+    let mut all = vec!["snapshot"];
+    all.extend_from_slice(args);
+    all.push(s(img));
+    if tool_name == "ember" {
+        ember_img_ok(&all);
+    } else {
+        qemu_img(&all);
+    }
+}
+
+/// Both tools list the same snapshots, byte for byte.
+fn assert_lists_agree(img: &Path) {
+    let ours = ember_img_ok(&["snapshot", "-l", s(img)]).stdout;
+    let theirs = qemu_img(&["snapshot", "-l", s(img)]).stdout;
+    assert_eq!(
+        String::from_utf8_lossy(&ours),
+        String::from_utf8_lossy(&theirs),
+        "{}",
+        img.display()
+    );
+}
+
+/// The image's current content as raw bytes, flattened by qemu-img.
+fn flat(img: &Path, out: &Path) {
+    let _ = std::fs::remove_file(out);
+    qemu_img(&["convert", "-O", "raw", s(img), s(out)]);
+}
+
+fn assert_same_as(img: &Path, raw: &Path) {
+    qemu_img(&["compare", "-F", "raw", s(img), s(raw)]);
+}
+
+#[test]
+fn snapshots_made_by_either_tool_apply_under_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, opts) in [
+        "compat=1.1,cluster_size=64k",
+        "compat=1.1,cluster_size=512,refcount_bits=64",
+        "compat=0.10,cluster_size=4k",
+        "compat=1.1,cluster_size=2M,refcount_bits=8",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = dir.path().join(format!("x{n}.qcow2"));
+        let (at_q, at_e) = (dir.path().join("q.raw"), dir.path().join("e.raw"));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "12M"]);
+        qemu_io(&img, "qcow2", WRITES);
+        // A compressed cluster too.
+        qemu_io(&img, "qcow2", &["write -c -P 0x66 6M 2M"]);
+        flat(&img, &at_q);
+        snapshot("qemu-img", &["-c", "by-qemu"], &img);
+        random_engine_writes(open_rw(&img).as_mut(), n as u64, 60);
+        flat(&img, &at_e);
+        snapshot("ember", &["-c", "by-ember"], &img);
+        assert_qemu_img_clean(&img);
+        assert_lists_agree(&img);
+        qemu_io(&img, "qcow2", &["write -P 0x99 0 3M", "write -z 8M 1M"]);
+
+        snapshot("ember", &["-a", "by-qemu"], &img);
+        assert_qemu_img_clean(&img);
+        assert_same_as(&img, &at_q);
+        snapshot("qemu-img", &["-a", "by-ember"], &img);
+        assert_qemu_img_clean(&img);
+        assert_same_as(&img, &at_e);
+        snapshot("ember", &["-a", "1"], &img); // by ID
+        assert_same_as(&img, &at_q);
+        assert_reads_like_qemu(&img, dir.path());
+
+        snapshot("ember", &["-d", "by-ember"], &img);
+        assert_qemu_img_clean(&img);
+        assert_lists_agree(&img);
+        snapshot("qemu-img", &["-a", "by-qemu"], &img);
+        snapshot("qemu-img", &["-d", "by-qemu"], &img);
+        assert_qemu_img_clean(&img);
+        assert_same_as(&img, &at_q);
+        let list = ember_img_ok(&["snapshot", "-l", s(&img)]).stdout;
+        assert!(list.is_empty(), "{}", String::from_utf8_lossy(&list));
+    }
+}
+
+#[test]
+fn sixteen_snapshots_at_several_cluster_sizes_and_refcount_widths() {
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in ["512", "64k", "2M"] {
+        for refbits in ["16", "64"] {
+            let img = dir.path().join(format!("m-{cluster}-{refbits}.qcow2"));
+            let opts = format!("cluster_size={cluster},refcount_bits={refbits}");
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"]);
+            for i in 0..16u32 {
+                let cmd = format!("write -P {} {}k 600k", i + 1, i * 300);
+                qemu_io(&img, "qcow2", &[cmd.as_str()]);
+                let tool_name = if i % 2 == 0 { "ember" } else { "qemu-img" };
+                snapshot(tool_name, &["-c", &format!("s{i}")], &img);
+            }
+            assert_qemu_img_clean(&img);
+            assert_lists_agree(&img);
+            for i in [3u32, 15, 0, 8] {
+                let tool_name = if i % 2 == 0 { "qemu-img" } else { "ember" };
+                snapshot(tool_name, &["-a", &format!("s{i}")], &img);
+                let check = format!("read -P {} {}k 600k", i + 1, i * 300);
+                let out = tool_ok("qemu-io", &["-f", "qcow2", "-c", &check, s(&img)]);
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(!text.contains("fail"), "{cluster}/{refbits} s{i}: {text}");
+                assert_qemu_img_clean(&img);
+            }
+            for i in (0..16u32).rev().step_by(3) {
+                snapshot("ember", &["-d", &format!("s{i}")], &img);
+            }
+            assert_qemu_img_clean(&img);
+            assert_lists_agree(&img);
+        }
+        // One-bit refcounts cannot count a second reference: refused, image untouched.
+        let img = dir.path().join(format!("one-{cluster}.qcow2"));
+        let opts = format!("cluster_size={cluster},refcount_bits=1");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"]);
+        qemu_io(&img, "qcow2", &["write -P 1 0 1M"]);
+        let out = ember()
+            .args(["img", "snapshot", "-c", "s", s(&img)])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("ember: Could not create snapshot 's': "),
+            "{err}"
+        );
+        assert_qemu_img_clean(&img);
+    }
+}
+
+#[test]
+fn snapshots_of_an_overlay_keep_reading_through_the_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_io(&base, "qcow2", &["write -P 0x42 0 8M"]);
+    let top = dir.path().join("top.qcow2");
+    ember_overlay(s(&top), "base.qcow2", "qcow2");
+    qemu_io(&top, "qcow2", &["write -P 0x43 1M 1M"]);
+    let before = dir.path().join("before.raw");
+    flat(&top, &before);
+    snapshot("ember", &["-c", "s"], &top);
+    qemu_io(&top, "qcow2", &["write -P 0x44 0 4M", "discard 6M 1M"]);
+    snapshot("ember", &["-a", "s"], &top);
+    assert_qemu_img_clean(&top);
+    assert_same_as(&top, &before);
+    assert_reads_like_qemu(&top, dir.path());
+}
+
+#[test]
+fn applying_a_snapshot_restores_its_disk_size_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    qemu_io(&img, "qcow2", &["write -P 7 0 1M", "write -P 8 60M 1M"]);
+    let at = dir.path().join("at.raw");
+    flat(&img, &at);
+    snapshot("ember", &["-c", "s"], &img);
+    qemu_img(&["resize", s(&img), "128M"]);
+    qemu_io(&img, "qcow2", &["write -P 9 100M 1M"]);
+    snapshot("qemu-img", &["-c", "big"], &img);
+    snapshot("ember", &["-a", "s"], &img);
+    assert_qemu_img_clean(&img);
+    assert_same_as(&img, &at);
+    snapshot("qemu-img", &["-a", "big"], &img);
+    snapshot("ember", &["-d", "big"], &img);
+    qemu_img(&["resize", "--shrink", s(&img), "32M"]);
+    snapshot("ember", &["-a", "s"], &img);
+    assert_qemu_img_clean(&img);
+    assert_same_as(&img, &at);
+}
+
+#[test]
+fn snapshot_errors_match_qemu_img_messages_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("e.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    snapshot("ember", &["-c", "s"], &img);
+    let run = |args: &[&str]| {
+        let out = ember()
+            .args(["img", "snapshot"])
+            .args(args)
+            .arg(&img)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        run(&["-a", "nope"]),
+        (
+            Some(1),
+            "ember: Could not apply snapshot 'nope': Failed to load snapshot: No such file or \
+             directory\n"
+                .to_string()
+        )
+    );
+    assert_eq!(
+        run(&["-d", "nope"]),
+        (
+            Some(1),
+            "ember: Could not delete snapshot 'nope': snapshot not found\n".to_string()
+        )
+    );
+    // qemu-io holds the image open for writing while it waits for commands.
+    let mut holder = std::process::Command::new("qemu-io")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io is needed");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let busy = run(&["-c", "t"]);
+    let listing = run(&["-l"]);
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    let name = s(&img);
+    assert_eq!(
+        busy,
+        (
+            Some(1),
+            format!(
+                "ember: Could not open '{name}': Failed to get \"write\" lock\nIs another \
+                 process using the image [{name}]?\n"
+            )
+        )
+    );
+    assert_eq!(listing.0, Some(1), "{}", listing.1);
+    assert!(
+        listing.1.contains("Failed to get shared \"write\" lock"),
+        "{}",
+        listing.1
+    );
+    assert_qemu_img_clean(&img);
+}
+
+#[test]
+fn convert_stops_with_an_error_when_the_source_breaks_midway() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("cut.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    qemu_io(&img, "qcow2", &["write -P 1 0 8M", "write -P 2 40M 8M"]);
+    // The second run of data clusters sits at the end of the file: cut it off.
+    let len = std::fs::metadata(&img).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(len - (4 << 20)).unwrap();
+    drop(f);
+    let out_path = dir.path().join("out.raw");
+    let out = ember()
+        .args(["img", "convert", "-O", "raw", s(&img), s(&out_path)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("past the end of the file"), "{err}");
+}
+
+#[test]
+fn convert_into_an_existing_raw_target_overwrites_every_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "24M"]);
+    qemu_io(&img, "qcow2", WRITES);
+    let target = dir.path().join("old.raw");
+    std::fs::write(&target, vec![0xeeu8; 24 << 20]).unwrap();
+    ember_img_ok(&["convert", "-n", "-O", "raw", s(&img), s(&target)]);
+    qemu_img(&["compare", "-F", "raw", s(&img), s(&target)]);
+}

@@ -1,6 +1,8 @@
 //! `ember img bench`: qemu-img bench's options and request pattern (sequential with a step,
 //! wrapping), plus `--pattern rand`. Depth N runs N requests at a time: raw images get one
-//! handle per worker; a qcow2 engine is shared by the workers, one request at a time.
+//! handle per worker; a qcow2 engine is shared by the workers, one request at a time, except
+//! that reads of data in the image's own file only take the engine for the mapping and copy
+//! the data through the worker's own handle (as qemu's thread pool overlaps its preads).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use clap::Args;
-use devices::disk::{DiskImage, ImageFormat, OpenOptions};
+use devices::disk::file::AlignedBuf;
+use devices::disk::{DiskImage, HostFile, ImageFormat, OpenOptions};
 
 use super::{open, parse_cache, parse_size, ImgError, ImgResult};
 
@@ -148,11 +151,21 @@ pub fn run(args: BenchArgs) -> ImgResult {
         } else {
             None
         };
+        // qcow2 reads: the worker's own handle on the file, for the data the engine maps.
+        let data_file = if format == ImageFormat::Qcow2 && !args.write {
+            Some(
+                devices::disk::open_locked(&args.filename, true, cache, true)
+                    .map_err(ImgError::disk("cannot open the image"))?,
+            )
+        } else {
+            None
+        };
         let (shared, next, offsets) = (shared.clone(), next.clone(), offsets.clone());
         let (count, write, flush_every) = (args.count, args.write, args.flush_interval);
         handles.push(std::thread::spawn(move || {
             worker(
                 own,
+                data_file,
                 shared,
                 next,
                 offsets,
@@ -190,6 +203,7 @@ pub fn run(args: BenchArgs) -> ImgResult {
 #[allow(clippy::too_many_arguments)]
 fn worker(
     mut own: Option<Box<dyn DiskImage>>,
+    data_file: Option<HostFile>,
     shared: Arc<Mutex<Box<dyn DiskImage>>>,
     next: Arc<AtomicU64>,
     offsets: Arc<Offsets>,
@@ -199,13 +213,30 @@ fn worker(
     bufsize: u64,
     byte: u8,
 ) -> Result<(), devices::disk::DiskError> {
-    let mut buf = vec![byte; bufsize as usize];
+    // Page-aligned, as qemu-img's buffers are.
+    let mut aligned = AlignedBuf::new(bufsize as usize);
+    let buf = &mut aligned.as_mut_slice()[..bufsize as usize];
+    buf.fill(byte);
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= count {
             return Ok(());
         }
         let at = offsets.at(i);
+        if let Some(file) = &data_file {
+            let ext = shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extent(at, bufsize)?;
+            if let (0, Some(host), true, false) = (ext.depth, ext.offset, ext.data, ext.compressed)
+            {
+                if ext.len >= bufsize {
+                    file.read_at(buf, host)
+                        .map_err(devices::disk::DiskError::io("reading data", host))?;
+                    continue;
+                }
+            }
+        }
         let mut guard;
         let img: &mut dyn DiskImage = match own.as_mut() {
             Some(d) => d.as_mut(),
@@ -215,12 +246,12 @@ fn worker(
             }
         };
         if write {
-            img.write_at(&buf, at)?;
+            img.write_at(buf, at)?;
             if flush_every > 0 && (i + 1).is_multiple_of(flush_every) {
                 img.flush()?;
             }
         } else {
-            img.read_at(&mut buf, at)?;
+            img.read_at(buf, at)?;
         }
     }
 }

@@ -2,8 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use clap::Args;
+use devices::disk::file::AlignedBuf;
 use devices::disk::{DiskImage, ImageFormat, OpenOptions, Qcow2Image};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -143,35 +146,52 @@ pub fn run(args: ConvertArgs) -> ImgResult {
         Target::Compressed(q) => q.cluster_size().max(1 << 20),
         Target::Plain(_) => 1 << 20,
     };
-    let mut buf = vec![0u8; chunk as usize];
-    let mut pos = 0u64;
-    while pos < size {
-        let ext = src
-            .extent(pos, chunk.min(size - pos))
-            .map_err(ImgError::disk(format!(
-                "cannot read '{}'",
-                args.source.display()
-            )))?;
-        let len = ext.len.min(chunk - pos % chunk).max(1).min(size - pos);
-        if ext.zero {
+    // Raw targets take several writers, each on its own handle (qemu-img keeps several
+    // requests in flight too); a qcow2 target has one engine, so one writer.
+    let mut targets = vec![dst];
+    if out_format == ImageFormat::Raw {
+        for _ in 1..RAW_WRITERS {
+            let opts = OpenOptions {
+                force_share: true, // the first handle holds the locks
+                ..dst_opts.clone()
+            };
+            let extra = devices::disk::open_image(&args.target, &opts).map_err(ImgError::disk(
+                format!("cannot open '{}'", args.target.display()),
+            ))?;
+            targets.push(Target::Plain(extra));
+        }
+    }
+    let source_name = args.source.display().to_string();
+    let write = |dst: &mut Target, c: &Chunk| -> Result<(), ImgError> {
+        if c.zero {
             if args.no_create {
                 dst.image()
-                    .write_zeroes(pos, len, true)
+                    .write_zeroes(c.pos, c.len, true)
                     .map_err(ImgError::disk("cannot write the target"))?;
             }
         } else {
-            let data = &mut buf[..len as usize];
-            src.read_at(data, pos).map_err(ImgError::disk(format!(
-                "cannot read '{}'",
-                args.source.display()
-            )))?;
-            copy_chunk(&mut dst, &args, data, pos, sparse)?;
+            copy_chunk(
+                dst,
+                &args,
+                &c.buf.as_slice()[..c.len as usize],
+                c.pos,
+                sparse,
+            )?;
         }
-        pos += len;
         if let Some(b) = &bar {
-            b.set_position(pos);
+            b.inc(c.len);
         }
-    }
+        Ok(())
+    };
+    copy_all(
+        src.as_mut(),
+        &source_name,
+        size,
+        chunk,
+        &mut targets,
+        &write,
+    )?;
+    let mut dst = targets.swap_remove(0);
     if args.cache == "unsafe" {
         // Tables still reach the file (the page cache), without a sync.
         dst.image()
@@ -186,6 +206,124 @@ pub fn run(args: ConvertArgs) -> ImgResult {
         b.finish();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A piece of the source on its way to the target.
+struct Chunk {
+    pos: u64,
+    len: u64,
+    /// Reads as zeros (nothing was read into `buf`).
+    zero: bool,
+    /// Page-aligned: the kernel copies to and from such buffers faster.
+    buf: AlignedBuf,
+}
+
+/// Chunks read ahead of the writers.
+const READ_AHEAD: usize = 4;
+/// Writer threads (and handles) for a raw target.
+const RAW_WRITERS: usize = 4;
+
+/// Reads the source in extents of at most `chunk` bytes on a reader thread while one thread
+/// per target handle stores them with `write`, so reading and writing overlap.
+fn copy_all(
+    src: &mut dyn DiskImage,
+    source_name: &str,
+    size: u64,
+    chunk: u64,
+    targets: &mut [Target],
+    write: &(dyn Fn(&mut Target, &Chunk) -> Result<(), ImgError> + Sync),
+) -> Result<(), ImgError> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<Result<Chunk, ImgError>>(READ_AHEAD);
+    let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+    for _ in 0..READ_AHEAD + targets.len() {
+        let _ = free_tx.send(AlignedBuf::new(chunk as usize));
+    }
+    let full_rx = Arc::new(Mutex::new(full_rx));
+    let stop_flag = AtomicBool::new(false);
+    let stop = &stop_flag;
+    std::thread::scope(move |scope| {
+        scope.spawn(move || read_chunks(src, source_name, size, chunk, &full_tx, &free_rx));
+        let writers: Vec<_> = targets
+            .iter_mut()
+            .map(|target| {
+                let (rx, free_tx) = (full_rx.clone(), free_tx.clone());
+                scope.spawn(move || -> Result<(), ImgError> {
+                    let result = write_chunks(target, &rx, &free_tx, stop, write);
+                    if result.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
+            })
+            .collect();
+        // Only the writers hold the channel ends now: when they all stop, the reader's
+        // send or its wait for a buffer fails and it stops too.
+        drop((full_rx, free_tx));
+        let mut first_err = None;
+        for w in writers {
+            let r = w
+                .join()
+                .unwrap_or_else(|_| Err(ImgError::Usage("a convert writer panicked".into())));
+            if let (Err(e), None) = (r, &first_err) {
+                first_err = Some(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    })
+}
+
+fn read_chunks(
+    src: &mut dyn DiskImage,
+    source_name: &str,
+    size: u64,
+    chunk: u64,
+    full_tx: &mpsc::SyncSender<Result<Chunk, ImgError>>,
+    free_rx: &mpsc::Receiver<AlignedBuf>,
+) {
+    let read_err = || ImgError::disk(format!("cannot read '{source_name}'"));
+    let mut pos = 0u64;
+    while pos < size {
+        // Every writer stopped (an error): stop reading.
+        let Ok(mut buf) = free_rx.recv() else { return };
+        let next = src.extent(pos, chunk.min(size - pos)).map_err(read_err());
+        let read = next.and_then(|ext| {
+            let len = ext.len.min(chunk - pos % chunk).max(1).min(size - pos);
+            if !ext.zero {
+                src.read_at(&mut buf.as_mut_slice()[..len as usize], pos)
+                    .map_err(read_err())?;
+            }
+            Ok(Chunk {
+                pos,
+                len,
+                zero: ext.zero,
+                buf,
+            })
+        });
+        let failed = read.is_err();
+        if let Ok(c) = &read {
+            pos += c.len;
+        }
+        if full_tx.send(read).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn write_chunks(
+    target: &mut Target,
+    rx: &Mutex<mpsc::Receiver<Result<Chunk, ImgError>>>,
+    free_tx: &mpsc::Sender<AlignedBuf>,
+    stop: &AtomicBool,
+    write: &(dyn Fn(&mut Target, &Chunk) -> Result<(), ImgError> + Sync),
+) -> Result<(), ImgError> {
+    while !stop.load(Ordering::Relaxed) {
+        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(received) = next else { return Ok(()) };
+        let c = received?;
+        write(target, &c)?;
+        let _ = free_tx.send(c.buf);
+    }
+    Ok(())
 }
 
 /// Where converted data goes.

@@ -92,27 +92,6 @@ fn gather(path: &Path, format: Option<ImageFormat>, force_share: bool) -> Result
     Ok(info)
 }
 
-fn date(sec: u32) -> String {
-    // UTC, as a fixed-width "YYYY-MM-DD HH:MM:SS".
-    let days = i64::from(sec) / 86_400;
-    let rem = i64::from(sec) % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 fn human(info: &Info) -> String {
     let mut s = format!(
         "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
@@ -130,24 +109,7 @@ fn human(info: &Info) -> String {
                 s.push_str(&format!("backing file format: {f}\n"));
             }
         }
-        if !q.snapshots.is_empty() {
-            s.push_str("Snapshot list:\nID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT\n");
-            for sn in &q.snapshots {
-                let clock = sn.vm_clock_nsec / 1_000_000;
-                s.push_str(&format!(
-                    "{:<7} {:<17} {:>7} {} {:04}:{:02}:{:02}.{:03} {:>10}\n",
-                    sn.id,
-                    sn.name,
-                    human_size(sn.vm_state_size),
-                    date(sn.date_sec),
-                    clock / 3_600_000,
-                    clock / 60_000 % 60,
-                    clock / 1000 % 60,
-                    clock % 1000,
-                    0
-                ));
-            }
-        }
+        s.push_str(&super::snapshot::snapshot_list(&q.snapshots));
         s.push_str(&format!(
             "Format specific information:\n    compat: {}\n",
             if q.version == 2 { "0.10" } else { "1.1" }
@@ -224,8 +186,8 @@ fn to_json(info: &Info) -> Value {
             .snapshots
             .iter()
             .map(|s| {
-                json!({
-                    "icount": 0,
+                let mut v = json!({
+                    "icount": s.icount,
                     "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
                     "name": s.name,
                     "date-sec": s.date_sec,
@@ -233,7 +195,12 @@ fn to_json(info: &Info) -> Value {
                     "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
                     "id": s.id,
                     "vm-state-size": s.vm_state_size
-                })
+                });
+                if s.icount.is_none() {
+                    // qemu leaves the key out when no count was recorded.
+                    v.as_object_mut().map(|o| o.shift_remove("icount"));
+                }
+                v
             })
             .collect();
     }

@@ -11,6 +11,7 @@ mod info;
 mod map;
 mod rebase;
 mod resize;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -101,6 +102,8 @@ pub enum ImgCommand {
     Map(map::MapArgs),
     /// Measure an image's I/O speed (qemu-img bench)
     Bench(bench::BenchArgs),
+    /// List, create, apply or delete internal snapshots (qemu-img snapshot)
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// `ember img VERB ...`
@@ -123,6 +126,7 @@ pub fn run(args: ImgArgs) -> ExitCode {
         ImgCommand::Compare(a) => compare::run(a),
         ImgCommand::Map(a) => map::run(a),
         ImgCommand::Bench(a) => bench::run(a),
+        ImgCommand::Snapshot(a) => snapshot::run(a),
     };
     match result {
         Ok(code) => code,
@@ -222,10 +226,11 @@ fn existing_format(path: &Path, format: Option<&str>) -> Result<ImageFormat, Img
 /// Parses `-t`/`-T` cache modes.
 fn parse_cache(option: &str, name: &str) -> Result<CacheMode, ImgError> {
     match name {
-        "writeback" | "unsafe" => Ok(CacheMode::Writeback),
+        "writeback" => Ok(CacheMode::Writeback),
+        "unsafe" => Ok(CacheMode::Unsafe),
         "none" | "directsync" => Ok(CacheMode::None),
         other => Err(ImgError::Usage(format!(
-            "{option} {other}: unknown cache mode; use writeback or none"
+            "{option} {other}: unknown cache mode; use writeback, unsafe or none"
         ))),
     }
 }

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use file::{CacheMode, HostFile, LockConflict};
-pub use qcow2::{Qcow2Image, QcowError};
+pub use qcow2::{Qcow2Image, QcowError, Snapshot, SnapshotMeta};
 pub use raw::RawImage;
 
 /// Most images in a backing chain (the top one included).
@@ -109,6 +109,14 @@ pub enum DiskError {
     /// A qcow2 image problem.
     #[error(transparent)]
     Qcow2(#[from] QcowError),
+    /// The image format cannot do this (internal snapshots of a raw image).
+    #[error("{format} images do not support {what}")]
+    Unsupported {
+        /// The format.
+        format: &'static str,
+        /// What was asked.
+        what: &'static str,
+    },
 }
 
 impl DiskError {
@@ -162,6 +170,34 @@ pub trait DiskImage: Send {
     fn format(&self) -> ImageFormat;
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+
+    /// The internal snapshots (qcow2); formats without them answer [`DiskError::Unsupported`].
+    fn snapshot_list(&mut self) -> Result<Vec<Snapshot>, DiskError> {
+        Err(self.unsupported("internal snapshots"))
+    }
+    /// Takes an internal snapshot of the current disk named `name`.
+    fn snapshot_create(&mut self, name: &str, meta: SnapshotMeta) -> Result<Snapshot, DiskError> {
+        let _ = (name, meta);
+        Err(self.unsupported("internal snapshots"))
+    }
+    /// Makes the snapshot with ID or name `id_or_name` the current disk; the disk takes the
+    /// size it had then, so a caller that exposes [`DiskImage::size`] must read it again.
+    fn snapshot_apply(&mut self, id_or_name: &str) -> Result<Snapshot, DiskError> {
+        let _ = id_or_name;
+        Err(self.unsupported("internal snapshots"))
+    }
+    /// Deletes the first snapshot named `name`.
+    fn snapshot_delete(&mut self, name: &str) -> Result<Snapshot, DiskError> {
+        let _ = name;
+        Err(self.unsupported("internal snapshots"))
+    }
+    /// The error for an operation this format lacks.
+    fn unsupported(&self, what: &'static str) -> DiskError {
+        DiskError::Unsupported {
+            format: self.format().name(),
+            what,
+        }
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.

@@ -16,6 +16,8 @@ pub mod compress;
 pub mod header;
 mod refcount;
 pub mod snapshot;
+
+pub use snapshot::{Snapshot, SnapshotMeta};
 pub mod table;
 
 use std::collections::HashSet;
@@ -47,6 +49,9 @@ pub enum QcowError {
     /// Bad creation parameters.
     #[error("{0}")]
     InvalidOption(String),
+    /// No internal snapshot has that ID or name.
+    #[error("snapshot '{0}' not found")]
+    NoSnapshot(String),
 }
 
 /// L2 tables kept in memory.
@@ -531,7 +536,7 @@ impl Qcow2Image {
                 copied: true,
             } = entry
             {
-                let n = ((cs - in_cluster) as usize).min(buf.len() - done);
+                let n = self.in_place_run(table, l2i, host, in_cluster, buf.len() - done)?;
                 self.pwrite(&buf[done..done + n], host + in_cluster, "writing data")?;
                 n
             } else {
@@ -540,6 +545,34 @@ impl Qcow2Image {
             done += n;
         }
         Ok(())
+    }
+
+    /// Bytes (up to `max`) writable in place from `in_cluster` of the cluster at entry
+    /// `first` of L2 `table` (host `host`): it and the following clusters of the table
+    /// that are also ours alone and follow it on the host, so one pwrite covers them.
+    fn in_place_run(
+        &mut self,
+        table: u64,
+        first: usize,
+        host: u64,
+        in_cluster: u64,
+        max: usize,
+    ) -> Result<usize, DiskError> {
+        let cs = self.cluster_size() as usize;
+        let mut n = (cs - in_cluster as usize).min(max);
+        let mut index = first + 1;
+        while n < max && (index as u64) < self.l2_entries() {
+            let next_host = host + (index - first) as u64 * cs as u64;
+            match self.l2_entry(table, index)? {
+                L2Entry::Normal {
+                    offset,
+                    copied: true,
+                } if offset == next_host => n += cs.min(max - n),
+                _ => break,
+            }
+            index += 1;
+        }
+        Ok(n)
     }
 
     /// Writes into new clusters from guest `pos`, for as many following clusters of the same
@@ -566,20 +599,14 @@ impl Qcow2Image {
         let count = entries.len() as u64;
         let run_bytes = (count * cs) as usize;
         let n = (run_bytes - in_cluster as usize).min(buf.len());
-        let mut data = vec![0u8; run_bytes];
-        // Copy-on-write of the partial first and last clusters.
-        if in_cluster != 0 || n < cs as usize {
-            self.read_cluster(entries[0], start_guest, &mut data[..cs as usize])?;
-        }
-        let end = in_cluster as usize + n;
-        if !end.is_multiple_of(cs as usize) && count > 1 {
-            let last = (count - 1) as usize;
-            let guest = start_guest + last as u64 * cs;
-            self.read_cluster(entries[last], guest, &mut data[last * cs as usize..])?;
-        }
-        data[in_cluster as usize..end].copy_from_slice(&buf[..n]);
-        let host = self.alloc_clusters(count)?;
-        self.pwrite(&data, host, "writing data")?;
+        let host = if in_cluster == 0 && n == run_bytes {
+            // Whole clusters: straight from the caller's buffer.
+            let host = self.alloc_clusters(count)?;
+            self.pwrite(&buf[..n], host, "writing data")?;
+            host
+        } else {
+            self.write_partial_run(&entries, start_guest, in_cluster, &buf[..n], count)?
+        };
         for (i, old) in entries.into_iter().enumerate() {
             let new = L2Entry::Normal {
                 offset: host + i as u64 * cs,
@@ -590,6 +617,33 @@ impl Qcow2Image {
         }
         self.l2_needs_refcount_sync = true;
         Ok(n)
+    }
+
+    /// Writes `data` at `in_cluster` into `count` new clusters, filling the rest of the
+    /// partial first and last clusters from what they read as now (copy-on-write).
+    fn write_partial_run(
+        &mut self,
+        entries: &[L2Entry],
+        start_guest: u64,
+        in_cluster: u64,
+        data: &[u8],
+        count: u64,
+    ) -> Result<u64, DiskError> {
+        let cs = self.cluster_size();
+        let mut run = vec![0u8; (count * cs) as usize];
+        let end = in_cluster as usize + data.len();
+        if in_cluster != 0 || data.len() < cs as usize {
+            self.read_cluster(entries[0], start_guest, &mut run[..cs as usize])?;
+        }
+        if !end.is_multiple_of(cs as usize) && count > 1 {
+            let last = (count - 1) as usize;
+            let guest = start_guest + last as u64 * cs;
+            self.read_cluster(entries[last], guest, &mut run[last * cs as usize..])?;
+        }
+        run[in_cluster as usize..end].copy_from_slice(data);
+        let host = self.alloc_clusters(count)?;
+        self.pwrite(&run, host, "writing data")?;
+        Ok(host)
     }
 
     /// Sets guest clusters fully inside `[offset, offset + len)` to `entry` (zero or
@@ -696,7 +750,8 @@ impl Qcow2Image {
             _ => self.alloc_clusters(1)?,
         };
         self.pwrite(&packed, offset, "writing a compressed cluster")?;
-        self.compressed_cursor = Some((offset + len).next_multiple_of(512));
+        // Byte-granular packing, as qemu: the entry covers whole sectors, the data does not.
+        self.compressed_cursor = Some(offset + len);
         let table = self.l2_for_write(guest)?;
         let (_, l2i, _) = self.split(guest);
         let old = self.l2_entry(table, l2i)?;
@@ -999,6 +1054,22 @@ impl DiskImage for Qcow2Image {
     fn read_only(&self) -> bool {
         self.read_only
     }
+
+    fn snapshot_list(&mut self) -> Result<Vec<Snapshot>, DiskError> {
+        self.snapshots()
+    }
+
+    fn snapshot_create(&mut self, name: &str, meta: SnapshotMeta) -> Result<Snapshot, DiskError> {
+        Qcow2Image::snapshot_create(self, name, meta)
+    }
+
+    fn snapshot_apply(&mut self, id_or_name: &str) -> Result<Snapshot, DiskError> {
+        Qcow2Image::snapshot_apply(self, id_or_name)
+    }
+
+    fn snapshot_delete(&mut self, name: &str) -> Result<Snapshot, DiskError> {
+        Qcow2Image::snapshot_delete(self, name)
+    }
 }
 
 impl Drop for Qcow2Image {
@@ -1153,5 +1224,7 @@ impl Qcow2Image {
     }
 }
 
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;

@@ -47,7 +47,7 @@ impl Qcow2Image {
         self.cluster_size() * 8 / u64::from(self.header.refcount_bits())
     }
 
-    fn max_refcount(&self) -> u64 {
+    pub(super) fn max_refcount(&self) -> u64 {
         match self.header.refcount_bits() {
             64 => u64::MAX,
             b => (1u64 << b) - 1,
@@ -96,7 +96,7 @@ impl Qcow2Image {
         self.refcount_of(offset >> self.header.cluster_bits)
     }
 
-    fn refcount_of(&mut self, cluster: u64) -> Result<u64, DiskError> {
+    pub(super) fn refcount_of(&mut self, cluster: u64) -> Result<u64, DiskError> {
         let per = self.refcounts_per_block();
         let Some(&block) = self.refcount_table.get((cluster / per) as usize) else {
             return Ok(0);
