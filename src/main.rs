@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ember::cli::{self, defs, run, verbs};
+use ember::cli::{self, clone, defs, run, snapshots, verbs};
 
 #[derive(Parser)]
 #[command(name = "ember", version, about = "A small hypervisor on Linux KVM", long_about = None)]
@@ -50,6 +50,23 @@ enum Command {
     Save(verbs::SaveArgs),
     /// Start a VM from a file 'ember save' wrote, in the background
     Restore(verbs::RestoreArgs),
+    /// Take a named snapshot (memory, devices and qcow2 disks, or --disk-only overlays)
+    #[command(name = "snapshot-create-as")]
+    SnapshotCreateAs(snapshots::CreateArgs),
+    /// List a VM's snapshots
+    #[command(name = "snapshot-list")]
+    SnapshotList(snapshots::ListArgs),
+    /// Show a snapshot
+    #[command(name = "snapshot-info")]
+    SnapshotInfo(snapshots::SnapArgs),
+    /// Bring a VM back as a snapshot was (memory and disks)
+    #[command(name = "snapshot-revert")]
+    SnapshotRevert(snapshots::SnapArgs),
+    /// Delete a snapshot
+    #[command(name = "snapshot-delete")]
+    SnapshotDelete(snapshots::SnapArgs),
+    /// Copy a defined VM: new name, MACs and disks (like virt-clone)
+    Clone(clone::CloneArgs),
     /// Store a VM definition (a TOML file) under its name
     Define(defs::DefineArgs),
     /// Remove a VM's definition
@@ -90,6 +107,12 @@ fn main() -> ExitCode {
         Command::Domstats(a) => verbs::domstats(a),
         Command::Save(a) => verbs::save(a),
         Command::Restore(a) => verbs::restore(a),
+        Command::SnapshotCreateAs(a) => snapshots::create(a),
+        Command::SnapshotList(a) => snapshots::list(a),
+        Command::SnapshotInfo(a) => snapshots::info(a),
+        Command::SnapshotRevert(a) => snapshots::revert(a),
+        Command::SnapshotDelete(a) => snapshots::delete(a),
+        Command::Clone(a) => clone::run(a),
         Command::Define(a) => defs::define(a),
         Command::Undefine(a) => defs::undefine(a),
         Command::Dumpconfig(a) => defs::dumpconfig(a),

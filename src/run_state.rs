@@ -29,6 +29,8 @@ pub enum Outcome {
     Destroyed,
     /// `ember save` wrote the VM to this file and ended it.
     Saved(String),
+    /// The VM is to be brought back as its named snapshot was.
+    Revert(String),
     /// The VM is to be built and booted again (`ember reset`, `ember reboot`, a guest
     /// reboot with `--reboot restart`).
     Restart,
@@ -43,6 +45,7 @@ impl Outcome {
             | Outcome::ConsoleQuit
             | Outcome::Destroyed
             | Outcome::Saved(_)
+            | Outcome::Revert(_)
             | Outcome::Restart => 0,
             Outcome::DebugExit(code) => *code,
             Outcome::Crash(_) => 1,

@@ -97,6 +97,8 @@ pub struct RestoreSpec {
     pub paused: Option<bool>,
     /// New backends for NICs, by NIC id (a NIC's tap on another host or after a clone).
     pub nets: Vec<crate::config::NetConfig>,
+    /// Other images for disks, by disk id (a per-run overlay, a clone's copy).
+    pub disks: Vec<crate::config::DiskConfig>,
 }
 
 /// How the VM starts.
@@ -326,6 +328,17 @@ fn restore_vmm(
         slot.fd = n.fd;
         slot.network = n.network.clone();
     }
+    for d in &spec.disks {
+        let Some(slot) = state.config.disks.iter_mut().find(|x| x.id == d.id) else {
+            return Err(load(crate::snapshot::SnapshotError::Invalid(format!(
+                "the snapshot has no disk with id {}",
+                d.id()
+            ))));
+        };
+        slot.path = d.path.clone();
+        slot.format = d.format;
+        slot.cache = d.cache;
+    }
     let vmm = Vmm::restore(&state, &spec.memory, session, spec.paused)?;
     Ok((vmm, state.config))
 }
@@ -338,22 +351,32 @@ fn run_vm(
     mut first: Option<Vmm>,
     mut on_ready: Option<OnReady>,
 ) -> Result<Outcome, SessionError> {
+    let mut cfg = cfg.clone();
     loop {
-        let mut vmm = match first.take() {
-            Some(v) => v,
-            None => {
-                let mut v = Vmm::build(cfg, session)?;
-                v.boot()?;
-                v
+        let outcome = {
+            let mut vmm = match first.take() {
+                Some(v) => v,
+                None => {
+                    let mut v = Vmm::build(&cfg, session)?;
+                    v.boot()?;
+                    v
+                }
+            };
+            if let Some(ready) = on_ready.take() {
+                ready(session);
             }
+            vmm.run(session)?
         };
-        if let Some(ready) = on_ready.take() {
-            ready(session);
-        }
-        match vmm.run(session)? {
+        match outcome {
             Outcome::Restart => log::info!("VM {} restarts", session.name),
             Outcome::Reset if cfg.reboot == RebootAction::Restart => {
                 log::info!("guest reset; restarting")
+            }
+            Outcome::Revert(snap) => {
+                let (vmm, reverted) = revert(session, &snap, &cfg)?;
+                log::info!("VM {} reverted to snapshot {snap}", session.name);
+                cfg = reverted;
+                first = Some(vmm);
             }
             other => return Ok(other),
         }
@@ -466,6 +489,9 @@ fn preboot_answer(
         | ApiRequest::PatchVm(_)
         | ApiRequest::EmberCounters
         | ApiRequest::SnapshotCreate(_)
+        | ApiRequest::SnapshotCreateAs(_)
+        | ApiRequest::SnapshotRevert(_)
+        | ApiRequest::SnapshotDelete(_)
         | ApiRequest::EmberSave(_)
         | ApiRequest::EmberAction(_) => api::bad_request(msg::BEFORE_START),
         ApiRequest::EmberInfo => Response::json(
@@ -509,5 +535,28 @@ fn snapshot_load(pending: &PendingVm, l: &fc::SnapshotLoad) -> Result<RestoreSpe
         memory,
         paused: Some(!l.resume_vm),
         nets,
+        disks: Vec::new(),
     })
+}
+
+/// Brings the VM back as its named snapshot `snap` was: its disks first (no VM holds them
+/// now), then memory, vCPUs and devices.
+fn revert(session: &Session, snap: &str, cfg: &VmConfig) -> Result<(Vmm, VmConfig), SessionError> {
+    let fail = |m: String| {
+        SessionError::Vmm(crate::vmm::VmmError::Snapshot(Box::new(
+            crate::snapshot::SnapshotError::Invalid(m),
+        )))
+    };
+    let meta =
+        crate::snapshot::store::load(&session.name, snap).map_err(|e| fail(e.to_string()))?;
+    crate::snapshot::disks::apply(&meta).map_err(fail)?;
+    let state = crate::snapshot::store::state_path(&session.name, snap);
+    let spec = RestoreSpec {
+        memory: crate::snapshot::memory_path_for(&state),
+        state,
+        paused: None,
+        nets: cfg.nets.clone(),
+        disks: Vec::new(),
+    };
+    restore_vmm(session, &spec, &cfg.serial)
 }

@@ -94,6 +94,34 @@ pub enum ApiRequest {
     SnapshotLoad(SnapshotLoad),
     /// `PUT /ember/save`: snapshot, then end the VM (`virsh save`).
     EmberSave(EmberSave),
+    /// `PUT /ember/snapshots`: a named snapshot.
+    SnapshotCreateAs(NamedSnapshot),
+    /// `PUT /ember/snapshots/revert`.
+    SnapshotRevert(SnapshotName),
+    /// `PUT /ember/snapshots/delete`.
+    SnapshotDelete(SnapshotName),
+}
+
+/// `PUT /ember/snapshots`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedSnapshot {
+    /// The snapshot's name.
+    pub name: String,
+    /// A description.
+    #[serde(default)]
+    pub description: String,
+    /// Only the disks, as external overlays.
+    #[serde(default)]
+    pub disk_only: bool,
+}
+
+/// A snapshot named in a request.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotName {
+    /// The snapshot's name.
+    pub name: String,
 }
 
 /// `PUT /ember/save`.
@@ -209,6 +237,12 @@ fn route_put(req: &Request, parts: &[&str], first: &str) -> Result<ApiRequest, R
         }
         "ember" if parts.get(1) == Some(&"actions") => Ok(ApiRequest::EmberAction(body(req)?)),
         "ember" if parts.get(1) == Some(&"save") => Ok(ApiRequest::EmberSave(body(req)?)),
+        "ember" if parts.get(1) == Some(&"snapshots") => match parts.get(2).copied() {
+            None => Ok(ApiRequest::SnapshotCreateAs(body(req)?)),
+            Some("revert") => Ok(ApiRequest::SnapshotRevert(body(req)?)),
+            Some("delete") => Ok(ApiRequest::SnapshotDelete(body(req)?)),
+            Some(_) => Err(unknown(req, first)),
+        },
         "snapshot" => match parts.get(1).copied() {
             Some("create") => Ok(ApiRequest::SnapshotCreate(body(req)?)),
             Some("load") => Ok(ApiRequest::SnapshotLoad(body(req)?)),

@@ -1,10 +1,12 @@
 //! The `ember` command line: argument structs and what each command does. Every failure is
 //! one line on stderr; bad input exits 2.
 
+pub mod clone;
 pub mod console;
 pub mod defs;
 pub mod detach;
 pub mod run;
+pub mod snapshots;
 pub mod verbs;
 
 use std::process::ExitCode;

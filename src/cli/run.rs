@@ -80,8 +80,8 @@ pub struct RunArgs {
     #[arg(long, short = 'd')]
     pub detach: bool,
     /// Start from a snapshot state file (memory from FILE.mem) instead of a kernel; --name,
-    /// --serial, --net (matched by id, else by position), --api-sock and -d replace the
-    /// saved ones
+    /// --serial, --net and --disk (matched by id, else by position), --api-sock and -d
+    /// replace the saved ones
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "config_file"])]
     pub restore: Option<PathBuf>,
     /// With --restore: start with the vCPUs paused
@@ -167,11 +167,22 @@ impl RunArgs {
                 Ok(n)
             })
             .collect::<Result<_, ConfigError>>()?;
+        let disks = self
+            .disk
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut d = DiskConfig::parse(d)?;
+                d.id.get_or_insert_with(|| config::disk_id(i));
+                Ok(d)
+            })
+            .collect::<Result<_, ConfigError>>()?;
         Ok(RestoreSpec {
             state: state.to_path_buf(),
             memory,
             paused: self.paused.then_some(true),
             nets,
+            disks,
         })
     }
 
@@ -234,6 +245,7 @@ fn report(outcome: &Outcome) {
         Outcome::Reset => log::debug!("guest reset"),
         Outcome::Destroyed => log::info!("VM destroyed"),
         Outcome::Saved(path) => log::info!("VM saved to {path}"),
+        Outcome::Revert(name) => log::info!("VM reverted to snapshot {name}"),
         Outcome::Restart => log::debug!("VM restarted"),
         Outcome::DebugExit(code) => log::debug!("guest exited through debug-exit: {code}"),
     }

@@ -62,7 +62,8 @@ pub struct ConsoleArgs {
     pub force: bool,
 }
 
-fn table(headers: &[&str], rows: &[Vec<String>]) {
+/// Prints a virsh-style table.
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -113,7 +114,7 @@ pub fn list(a: ListArgs) -> ExitCode {
             println!("{}", r[1]);
         }
     } else {
-        table(&["Id", "Name", "State"], &rows);
+        print_table(&["Id", "Name", "State"], &rows);
     }
     ExitCode::SUCCESS
 }
@@ -311,7 +312,7 @@ pub fn domblklist(a: NameArg) -> ExitCode {
             .iter()
             .map(|d| vec![field(d, "id"), field(d, "backend")])
             .collect();
-        table(&["Target", "Source"], &rows);
+        print_table(&["Target", "Source"], &rows);
         Ok(())
     })())
 }
@@ -331,7 +332,7 @@ pub fn domiflist(a: NameArg) -> ExitCode {
                 ]
             })
             .collect();
-        table(&["Interface", "Type", "Source", "Model", "MAC"], &rows);
+        print_table(&["Interface", "Type", "Source", "Model", "MAC"], &rows);
         Ok(())
     })())
 }

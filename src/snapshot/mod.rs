@@ -6,8 +6,10 @@
 //! A restore builds the VM its configuration describes (the same devices at the same
 //! addresses), maps the memory file, and applies the states.
 
+pub mod disks;
 pub mod format;
 pub mod memory;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 

@@ -74,6 +74,51 @@ impl Vmm {
             ApiRequest::SnapshotCreate(c) => self.snapshot_create(&c),
             ApiRequest::SnapshotLoad(_) => api::bad_request(msg::AFTER_START),
             ApiRequest::EmberSave(s) => self.save_and_stop(&s.path),
+            ApiRequest::SnapshotCreateAs(s) => {
+                match self.snapshot_create_as(&s.name, &s.description, s.disk_only) {
+                    Ok(meta) => {
+                        Response::json(200, serde_json::to_string(&meta).unwrap_or_default())
+                    }
+                    Err(e) => api::bad_request(&format!("cannot take snapshot {}: {e}", s.name)),
+                }
+            }
+            ApiRequest::SnapshotRevert(s) => self.revert_to(&s.name),
+            ApiRequest::SnapshotDelete(s) => self.delete_named(&s.name),
+        }
+    }
+
+    /// Ends this run so the session brings the VM back as snapshot `name` was.
+    fn revert_to(&mut self, name: &str) -> Response {
+        match crate::snapshot::store::load(&self.config.name, name) {
+            Ok(m) if m.has_vm_state => {
+                self.run_state
+                    .request_exit(Outcome::Revert(name.to_string()));
+                Response::empty(204)
+            }
+            Ok(_) => api::bad_request(&format!(
+                "snapshot {name} is disk-only (external overlays): it has no VM state to \
+                 revert to"
+            )),
+            Err(e) => api::bad_request(&e.to_string()),
+        }
+    }
+
+    fn delete_named(&mut self, name: &str) -> Response {
+        let meta = match crate::snapshot::store::load(&self.config.name, name) {
+            Ok(m) => m,
+            Err(e) => return api::bad_request(&e.to_string()),
+        };
+        let was_paused = self.state == VmState::Paused;
+        if let Err(e) = self.pause() {
+            return Response::fault(500, &format!("cannot pause the VM: {e}"));
+        }
+        self.delete_disk_snapshots(name, &meta.disks);
+        if !was_paused {
+            let _ = self.resume();
+        }
+        match crate::snapshot::store::remove(&self.config.name, name) {
+            Ok(()) => Response::empty(204),
+            Err(e) => api::bad_request(&crate::error_chain(&e)),
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod control;
 pub mod cpuid;
+mod named;
 mod snapshot;
 
 use std::fs::File;

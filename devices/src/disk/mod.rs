@@ -200,6 +200,62 @@ pub trait DiskImage: Send {
     }
 }
 
+/// Stands in for an image while the one behind a device is being swapped (the guest is
+/// paused then): it holds no file, and every I/O fails.
+pub struct DetachedDisk {
+    size: u64,
+    format: ImageFormat,
+}
+
+impl DetachedDisk {
+    /// A stand-in with the size and format of the image it replaces.
+    pub fn like(image: &dyn DiskImage) -> Self {
+        Self::like_parts(image.size(), image.format())
+    }
+
+    /// A stand-in of this size and format.
+    pub fn like_parts(size: u64, format: ImageFormat) -> Self {
+        DetachedDisk { size, format }
+    }
+
+    fn gone(&self) -> DiskError {
+        DiskError::Unsupported {
+            format: self.format.name(),
+            what: "I/O while the image is being swapped",
+        }
+    }
+}
+
+impl DiskImage for DetachedDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&mut self, _: &mut [u8], _: u64) -> Result<(), DiskError> {
+        Err(self.gone())
+    }
+    fn write_at(&mut self, _: &[u8], _: u64) -> Result<(), DiskError> {
+        Err(self.gone())
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        Err(self.gone())
+    }
+    fn discard(&mut self, _: u64, _: u64) -> Result<(), DiskError> {
+        Err(self.gone())
+    }
+    fn write_zeroes(&mut self, _: u64, _: u64, _: bool) -> Result<(), DiskError> {
+        Err(self.gone())
+    }
+    fn extent(&mut self, _: u64, _: u64) -> Result<Extent, DiskError> {
+        Err(self.gone())
+    }
+    fn format(&self) -> ImageFormat {
+        self.format
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+}
+
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DiskError> {
     match offset.checked_add(len) {

@@ -168,6 +168,31 @@ impl Block {
         self.disk.flush()
     }
 
+    /// The image behind the device (for snapshots; the guest should be paused).
+    pub fn disk_mut(&mut self) -> &mut dyn DiskImage {
+        self.disk.as_mut()
+    }
+
+    /// Puts another image behind the device (the guest is paused): `swap` gets the current
+    /// one and returns the new one, or on failure the old one back with the error.
+    pub fn swap_disk<E>(
+        &mut self,
+        swap: impl FnOnce(Box<dyn DiskImage>) -> Result<Box<dyn DiskImage>, (Box<dyn DiskImage>, E)>,
+    ) -> Result<(), E> {
+        let standin = Box::new(crate::disk::DetachedDisk::like(self.disk.as_ref()));
+        let old = std::mem::replace(&mut self.disk, standin);
+        match swap(old) {
+            Ok(new) => {
+                self.disk = new;
+                Ok(())
+            }
+            Err((old, e)) => {
+                self.disk = old;
+                Err(e)
+            }
+        }
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> BlockStats {
         self.stats
