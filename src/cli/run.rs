@@ -187,6 +187,17 @@ fn read_config_file(path: &PathBuf) -> Result<PendingVm, ConfigError> {
 
 fn report(outcome: &Outcome) {
     match outcome {
+        Outcome::GuestPanic(bits) => {
+            eprintln!("ember: the guest kernel panicked (pvpanic event {bits:#x})")
+        }
+        Outcome::Timeout => eprintln!("ember: timed out"),
+        Outcome::FailOn { pattern, line } => {
+            eprintln!("ember: --fail-on '{pattern}' matched the line: {line}")
+        }
+        Outcome::ExpectNotMet { pattern, .. } => {
+            eprintln!("ember: --expect '{pattern}' was not seen before the run ended")
+        }
+        Outcome::ExpectsMet => log::debug!("every --expect was seen; VM stopped"),
         Outcome::Crash(msg) => eprintln!("ember: {msg}"),
         Outcome::Signal(sig) => eprintln!("ember: stopped by signal {sig}"),
         Outcome::ConsoleQuit => eprintln!("ember: console closed (Ctrl-]); VM stopped"),
