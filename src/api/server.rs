@@ -24,8 +24,15 @@ use crate::console::{AttachError, ConsoleHub};
 pub const MAX_CONNECTIONS: usize = 32;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A response the client does not read within this long closes the connection.
+/// How often idle connections are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
+/// Input buffered per connection, at most: enough for one whole request, so `parse` must
+/// decide by then. A client sending more waits (its socket fills up).
+const READ_CAP: usize = http::MAX_HEAD + http::MAX_BODY;
+/// Answers waiting for a client that does not read them, at most (roughly: one answer may go
+/// over): past this no more of its requests are taken, so a client that pipelines requests
+/// and never reads the answers holds a bounded amount of memory.
+const MAX_PENDING_OUT: usize = 64 << 10;
 
 /// A connection's number.
 pub type ConnId = u64;
@@ -57,7 +64,10 @@ struct Conn {
     /// A request of this connection is with the VMM.
     busy: bool,
     close_after_write: bool,
-    watching_out: bool,
+    /// The client shut its sending side (EOF read).
+    eof: bool,
+    /// The events watched on the socket.
+    watching: EventSet,
     last_active: Instant,
 }
 
@@ -173,7 +183,8 @@ impl ApiServer {
                     outbuf: Vec::new(),
                     busy: false,
                     close_after_write: false,
-                    watching_out: false,
+                    eof: false,
+                    watching: EventSet::IN,
                     last_active: Instant::now(),
                 },
             );
@@ -187,27 +198,30 @@ impl ApiServer {
         }
     }
 
-    /// Reads what the client sent; false when the connection ended.
+    /// Reads what the client sent, up to [`READ_CAP`] buffered; false when the connection
+    /// ended (EOF or an error).
     fn read(&mut self, id: ConnId) -> bool {
         let Some(c) = self.conns.get_mut(&id) else {
             return false;
         };
         let mut buf = [0u8; 4096];
-        loop {
-            match (&c.stream).read(&mut buf) {
-                Ok(0) => return false,
+        while !c.eof {
+            let room = READ_CAP.saturating_sub(c.inbuf.len()).min(buf.len());
+            if room == 0 {
+                return true; // parse() takes or refuses what is buffered first
+            }
+            match (&c.stream).read(&mut buf[..room]) {
+                Ok(0) => c.eof = true,
                 Ok(n) => {
                     c.last_active = Instant::now();
                     c.inbuf.extend_from_slice(&buf[..n]);
-                    if c.inbuf.len() > http::MAX_HEAD + http::MAX_BODY + 4096 {
-                        return true; // parse() refuses it
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return false,
             }
         }
+        false
     }
 
     /// Moves the next complete request of `id` to the inbox (one at a time per connection).
@@ -215,7 +229,7 @@ impl ApiServer {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        if c.busy || c.close_after_write {
+        if c.busy || c.close_after_write || c.outbuf.len() > MAX_PENDING_OUT {
             return;
         }
         match http::parse(&c.inbuf) {
@@ -299,19 +313,21 @@ impl ApiServer {
                 }
             }
         }
-        let want_out = !c.outbuf.is_empty();
         if c.outbuf.is_empty() && c.close_after_write && !c.busy {
             self.close(id, ops);
             return;
         }
-        if want_out != c.watching_out {
-            c.watching_out = want_out;
-            let set = if want_out {
-                EventSet::IN | EventSet::OUT
-            } else {
-                EventSet::IN
-            };
-            let _ = ops.modify(Events::new(&c.stream, set));
+        // Input is watched while there is room for it; output while some waits.
+        let mut want = EventSet::empty();
+        if !c.eof && c.inbuf.len() < READ_CAP {
+            want |= EventSet::IN;
+        }
+        if !c.outbuf.is_empty() {
+            want |= EventSet::OUT;
+        }
+        if want != c.watching {
+            c.watching = want;
+            let _ = ops.modify(Events::new(&c.stream, want));
         }
     }
 
@@ -369,13 +385,8 @@ impl MutEventSubscriber for ApiServer {
             }
         }
         // A server moved to a new event loop (a VM restart) watches its connections again.
-        for c in self.conns.values_mut() {
-            let set = if c.watching_out {
-                EventSet::IN | EventSet::OUT
-            } else {
-                EventSet::IN
-            };
-            if let Err(err) = ops.add(Events::new(&c.stream, set)) {
+        for c in self.conns.values() {
+            if let Err(err) = ops.add(Events::new(&c.stream, c.watching)) {
                 log::warn!("API: cannot watch a connection: {err:?}");
             }
         }
@@ -392,24 +403,28 @@ impl MutEventSubscriber for ApiServer {
             let _ = self.reaper.wait();
             self.reap_idle(ops);
         } else if let Some(&id) = self.by_fd.get(&fd) {
-            let set = events.event_set();
-            if set.contains(EventSet::OUT) {
-                self.flush(id, ops);
-            }
-            if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                let open = self.read(id);
-                self.parse(id, ops);
-                self.flush(id, ops);
-                let busy = self.conns.get(&id).is_some_and(|c| c.busy);
-                if !open && !busy {
-                    self.close(id, ops);
-                } else if !open {
-                    // The client half-closed after its request: answer, then close.
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        c.close_after_write = true;
-                        let _ = ops.modify(Events::new(&c.stream, EventSet::empty()));
-                    }
-                }
+            self.serve_connection(id, events.event_set(), ops);
+        }
+    }
+}
+
+impl ApiServer {
+    /// Reads, takes the next request and writes what waits, for one ready connection.
+    fn serve_connection(&mut self, id: ConnId, set: EventSet, ops: &mut EventOps) {
+        let open =
+            !set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) || self.read(id);
+        self.flush(id, ops);
+        self.parse(id, ops);
+        self.flush(id, ops);
+        let busy = self.conns.get(&id).is_some_and(|c| c.busy);
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) || (!open && !busy) {
+            // Hung up both ways (nobody can read an answer) or done: a request already
+            // taken is still carried out, its answer dropped.
+            self.close(id, ops);
+        } else if !open {
+            // The client half-closed after its request: answer, then close.
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.close_after_write = true;
             }
         }
     }
