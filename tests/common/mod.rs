@@ -2,6 +2,8 @@
 //! kit (or fail loudly), and run ember with a deadline.
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -18,7 +20,8 @@ pub fn state_dirs() -> (PathBuf, PathBuf) {
 pub fn ember() -> Command {
     let (state, config) = state_dirs();
     let mut c = Command::new(env!("CARGO_BIN_EXE_ember"));
-    c.env("EMBER_STATE_DIR", state).env("EMBER_CONFIG_DIR", config);
+    c.env("EMBER_STATE_DIR", state)
+        .env("EMBER_CONFIG_DIR", config);
     c
 }
 
