@@ -432,3 +432,104 @@ impl ApiServer {
 
 /// An [`ApiServer`] shared by the event loop and the VMM.
 pub type SharedServer = Arc<Mutex<ApiServer>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+
+    type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    fn server() -> (tempfile::TempDir, SharedServer, Loop) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(Mutex::new(
+            ApiServer::bind(&dir.path().join("api.sock"), None).unwrap(),
+        ));
+        let mut events: Loop = EventManager::new().unwrap();
+        events.add_subscriber(server.clone());
+        (dir, server, events)
+    }
+
+    /// One round of the VMM's loop: events, then every queued request answered.
+    fn round(server: &SharedServer, events: &mut Loop) -> usize {
+        events.run_with_timeout(10).unwrap();
+        let mut s = server.lock().unwrap();
+        let mut answered = 0;
+        while let Some((conn, _)) = s.next_request() {
+            s.respond(conn, Response::json(200, "{\"state\":\"Running\"}".into()));
+            answered += 1;
+        }
+        answered
+    }
+
+    #[test]
+    fn a_client_that_never_reads_holds_bounded_buffers_and_others_are_served() {
+        let (dir, server, mut events) = server();
+        let flood = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        flood.set_nonblocking(true).unwrap();
+        let requests = b"GET / HTTP/1.1\r\n\r\n".repeat(500);
+        let mut sent = 0;
+        for _ in 0..300 {
+            if let Ok(n) = (&flood).write(&requests) {
+                sent += n;
+            }
+            round(&server, &mut events);
+        }
+        let held: Vec<(usize, usize)> = server
+            .lock()
+            .unwrap()
+            .conns
+            .values()
+            .map(|c| (c.inbuf.len(), c.outbuf.len()))
+            .collect();
+
+        assert_eq!(held.len(), 1);
+        let (inbuf, outbuf) = held[0];
+        assert!(inbuf <= READ_CAP, "{inbuf} bytes of input held");
+        assert!(
+            outbuf <= MAX_PENDING_OUT + 4096,
+            "{outbuf} bytes of output held"
+        );
+        assert!(
+            sent < 4 << 20,
+            "took {sent} bytes from a client that reads nothing"
+        );
+
+        let mut other = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        other.set_nonblocking(true).unwrap();
+        other.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        for _ in 0..50 {
+            round(&server, &mut events);
+            let mut buf = [0u8; 256];
+            if let Ok(n) = other.read(&mut buf) {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    }
+
+    #[test]
+    fn endless_blank_lines_are_refused_not_buffered() {
+        let (dir, server, mut events) = server();
+        let mut client = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let blank = b"\r\n".repeat(4096);
+        let mut answer = Vec::new();
+        for _ in 0..50 {
+            let _ = client.write(&blank);
+            round(&server, &mut events);
+            let mut buf = [0u8; 512];
+            match client.read(&mut buf) {
+                Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                _ => {}
+            }
+        }
+        assert!(
+            answer.starts_with(b"HTTP/1.1 413 Payload Too Large\r\n"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
