@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::vm::{alive, cpu_ticks, unique, wait_until, Host};
@@ -130,12 +131,14 @@ struct Client {
     stdin: Option<ChildStdin>,
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
 }
 
-fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+/// Collects what `from` gives until it ends.
+fn collect(mut from: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let into = buf.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut chunk = [0u8; 1024];
         while let Ok(n) = from.read(&mut chunk) {
             if n == 0 {
@@ -144,7 +147,7 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
             into.lock().unwrap().extend_from_slice(&chunk[..n]);
         }
     });
-    buf
+    (buf, reader)
 }
 
 impl Client {
@@ -161,13 +164,14 @@ impl Client {
             .spawn()
             .unwrap();
         let stdin = child.stdin.take();
-        let out = collect(child.stdout.take().unwrap());
-        let err = collect(child.stderr.take().unwrap());
+        let (out, out_reader) = collect(child.stdout.take().unwrap());
+        let (err, err_reader) = collect(child.stderr.take().unwrap());
         Client {
             child,
             stdin,
             out,
             err,
+            readers: vec![out_reader, err_reader],
         }
     }
 
@@ -195,15 +199,21 @@ impl Client {
         );
     }
 
-    /// Waits for the client to end; its exit status.
-    fn end(&mut self) -> Option<i32> {
+    /// Waits for the client to end; its exit status (fails the test, saying what the
+    /// client printed, if it does not end or ends with another status than `want`).
+    fn end(&mut self, want: i32) {
         let status = wait_deadline(&mut self.child, SOON);
-        assert!(
-            status.is_some(),
-            "the console client did not end; stderr:\n{}",
+        if status.is_some() {
+            // Everything it printed is read once its pipes end.
+            self.readers.drain(..).for_each(|r| r.join().unwrap());
+        }
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(want),
+            "console client ended with {status:?}; stdout:\n{}\nstderr:\n{}",
+            self.out(),
             self.err()
         );
-        status.and_then(|s| s.code())
     }
 }
 
@@ -226,9 +236,8 @@ fn console_replays_carries_input_detaches_on_ctrl_bracket_and_reattaches() {
     first.send(b"lc-one ");
     first.expect("lc-one ");
     first.send(&[0x1d]);
-    let code = first.end();
+    first.end(0);
 
-    assert_eq!(code, Some(0), "stderr: {}", first.err());
     assert!(first.err().contains("Detached"), "{}", first.err());
     assert_eq!(h.state_of(&name).as_deref(), Some("running"));
 
@@ -237,7 +246,7 @@ fn console_replays_carries_input_detaches_on_ctrl_bracket_and_reattaches() {
     again.send(b"lc-two ");
     again.expect("lc-two ");
     again.send(&[0x1d]);
-    assert_eq!(again.end(), Some(0), "stderr: {}", again.err());
+    again.end(0);
     assert!(h.console_log(&name).contains("lc-one lc-two "));
 }
 
@@ -263,11 +272,11 @@ fn a_second_console_is_refused_unless_forced_and_then_the_first_is_told() {
     let mut second = Client::attach(&h, &name, true);
     second.expect("echo until q");
     first.expect("another client took over the console");
-    assert_eq!(first.end(), Some(0), "stderr: {}", first.err());
+    first.end(0);
     second.send(b"lc-forced ");
     second.expect("lc-forced ");
     second.send(&[0x1d]);
-    assert_eq!(second.end(), Some(0), "stderr: {}", second.err());
+    second.end(0);
     assert_eq!(h.state_of(&name).as_deref(), Some("running"));
 }
 
