@@ -198,17 +198,17 @@ impl ApiServer {
         }
     }
 
-    /// Reads what the client sent, up to [`READ_CAP`] buffered; false when the connection
-    /// ended (EOF or an error).
-    fn read(&mut self, id: ConnId) -> bool {
+    /// Reads what the client sent, up to [`READ_CAP`] buffered, until EOF (or an error:
+    /// the same, nothing more will come).
+    fn read(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else {
-            return false;
+            return;
         };
         let mut buf = [0u8; 4096];
         while !c.eof {
             let room = READ_CAP.saturating_sub(c.inbuf.len()).min(buf.len());
             if room == 0 {
-                return true; // parse() takes or refuses what is buffered first
+                return; // parse() takes or refuses what is buffered first
             }
             match (&c.stream).read(&mut buf[..room]) {
                 Ok(0) => c.eof = true,
@@ -216,15 +216,16 @@ impl ApiServer {
                     c.last_active = Instant::now();
                     c.inbuf.extend_from_slice(&buf[..n]);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
+                Err(_) => c.eof = true,
             }
         }
-        false
     }
 
     /// Moves the next complete request of `id` to the inbox (one at a time per connection).
+    /// Once the client has stopped sending and no complete request is left, the connection
+    /// closes after its last answer.
     fn parse(&mut self, id: ConnId, ops: &mut EventOps) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
@@ -233,7 +234,7 @@ impl ApiServer {
             return;
         }
         match http::parse(&c.inbuf) {
-            Ok(None) => {}
+            Ok(None) => c.close_after_write = c.eof,
             Ok(Some((req, used))) => {
                 c.inbuf.drain(..used);
                 c.close_after_write = !req.keep_alive;
@@ -411,21 +412,16 @@ impl MutEventSubscriber for ApiServer {
 impl ApiServer {
     /// Reads, takes the next request and writes what waits, for one ready connection.
     fn serve_connection(&mut self, id: ConnId, set: EventSet, ops: &mut EventOps) {
-        let open =
-            !set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) || self.read(id);
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+            self.read(id);
+        }
         self.flush(id, ops);
         self.parse(id, ops);
         self.flush(id, ops);
-        let busy = self.conns.get(&id).is_some_and(|c| c.busy);
-        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) || (!open && !busy) {
-            // Hung up both ways (nobody can read an answer) or done: a request already
-            // taken is still carried out, its answer dropped.
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            // Hung up both ways: nobody can read an answer. A request already taken is
+            // still carried out, its answer dropped.
             self.close(id, ops);
-        } else if !open {
-            // The client half-closed after its request: answer, then close.
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.close_after_write = true;
-            }
         }
     }
 }
@@ -508,6 +504,36 @@ mod tests {
             }
         }
         assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    }
+
+    #[test]
+    fn a_client_that_half_closes_gets_every_pipelined_answer_then_eof() {
+        let (dir, server, mut events) = server();
+        let mut client = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n")
+            .unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut answers = Vec::new();
+        let mut eof = false;
+        for _ in 0..50 {
+            round(&server, &mut events);
+            let mut buf = [0u8; 4096];
+            match client.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => answers.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+
+        let text = String::from_utf8_lossy(&answers);
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        assert!(eof, "the connection stays open after the last answer");
+        assert!(server.lock().unwrap().conns.is_empty());
     }
 
     #[test]
