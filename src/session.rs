@@ -275,8 +275,9 @@ fn start_from_api(
 ) -> Result<Outcome, SessionError> {
     let mut pending = PendingVm::default();
     loop {
-        let Some((conn, start)) = wait_for_start(session, &mut pending)? else {
-            return Ok(Outcome::Signal(crate::signals::last_signal()));
+        let (conn, start) = match wait_for_start(session, &mut pending)? {
+            Ok(s) => s,
+            Err(ended) => return Ok(ended),
         };
         let (built, prefix) = match start {
             Start::Boot(mut cfg) => {
@@ -385,12 +386,13 @@ fn run_vm(
 
 /// Serves the API until `InstanceStart`; returns its connection and the configuration, or
 /// `None` when a signal ended the wait.
+/// The inner `Err` is how the wait ended without a start (a signal, `ember destroy`).
 fn wait_for_start(
     session: &Session,
     pending: &mut PendingVm,
-) -> Result<Option<(ConnId, Start)>, SessionError> {
+) -> Result<Result<(ConnId, Start), Outcome>, SessionError> {
     let Some(server) = &session.api else {
-        return Ok(None);
+        return Ok(Err(Outcome::Signal(crate::signals::last_signal())));
     };
     let state = Arc::new(RunState::new().map_err(|e| SessionError::Link("eventfd".into(), e))?);
     let mut events = EventLoop::new().map_err(SessionError::EventLoop)?;
@@ -400,12 +402,19 @@ fn wait_for_start(
     loop {
         events.run().map_err(SessionError::EventLoop)?;
         if state.is_exiting() {
-            return Ok(None);
+            break;
         }
-        if let Some(start) = serve_preboot(session, server, pending) {
-            return Ok(Some(start));
+        if let Some(start) = serve_preboot(session, server, pending, &state) {
+            return Ok(Ok(start));
+        }
+        if state.is_exiting() {
+            break;
         }
     }
+    let ended = state
+        .outcome()
+        .unwrap_or_else(|| Outcome::Signal(crate::signals::last_signal()));
+    Ok(Err(ended))
 }
 
 /// Answers pre-boot requests; returns `InstanceStart`'s connection and configuration (it is
@@ -414,6 +423,7 @@ fn serve_preboot(
     session: &Session,
     server: &SharedServer,
     pending: &mut PendingVm,
+    state: &RunState,
 ) -> Option<(ConnId, Start)> {
     loop {
         let next = server
@@ -422,6 +432,10 @@ fn serve_preboot(
             .next_request();
         let (conn, req) = next?;
         let (resp, start) = match api::route(&req) {
+            Ok(ApiRequest::EmberAction(a)) if a.action_type == api::EmberActionType::Destroy => {
+                state.request_exit(Outcome::Destroyed);
+                (Some(Response::empty(204)), None)
+            }
             Ok(r) => preboot_answer(session, pending, r),
             Err(resp) => (Some(resp), None),
         };

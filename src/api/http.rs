@@ -145,14 +145,16 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
         .take_while(|b| **b == b'\r' || **b == b'\n')
         .count();
     let buf = &buf[skip..];
+    // The empty lines count towards the head: an endless stream of them is refused too.
+    let too_large = || HttpError::TooLarge("request head larger than 8 KiB".into());
     let Some(head_len) = find_head_end(buf) else {
-        if buf.len() > MAX_HEAD {
-            return Err(HttpError::TooLarge("request head larger than 8 KiB".into()));
+        if skip + buf.len() > MAX_HEAD {
+            return Err(too_large());
         }
         return Ok(None);
     };
-    if head_len > MAX_HEAD {
-        return Err(HttpError::TooLarge("request head larger than 8 KiB".into()));
+    if skip + head_len > MAX_HEAD {
+        return Err(too_large());
     }
     let head = std::str::from_utf8(&buf[..head_len - 4])
         .map_err(|_| HttpError::BadRequest("request head is not UTF-8".into()))?;
@@ -386,7 +388,20 @@ mod tests {
         let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
         assert_eq!(one(&huge).unwrap_err().status(), 413);
         assert_eq!(parse(&[0xff; 100]), Ok(None));
+
         assert!(parse(b"\xff\xfe\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn blank_lines_before_a_request_count_towards_the_head_limit() {
+        assert_eq!(parse(&[b'\n'; 100]), Ok(None));
+        let (r, used) = one("\r\n\r\nGET / HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!((r.path.as_str(), used), ("/", 22));
+        // An endless stream of them must not be buffered forever.
+        let blank = "\r\n".repeat(MAX_HEAD);
+        assert_eq!(one(&blank).unwrap_err().status(), 413);
+        let late = format!("{}GET / HTTP/1.1\r\n\r\n", "\r\n".repeat(MAX_HEAD / 2));
+        assert_eq!(one(&late).unwrap_err().status(), 413);
     }
 
     #[test]

@@ -24,8 +24,15 @@ use crate::console::{AttachError, ConsoleHub};
 pub const MAX_CONNECTIONS: usize = 32;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A response the client does not read within this long closes the connection.
+/// How often idle connections are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
+/// Input buffered per connection, at most: enough for one whole request, so `parse` must
+/// decide by then. A client sending more waits (its socket fills up).
+const READ_CAP: usize = http::MAX_HEAD + http::MAX_BODY;
+/// Answers waiting for a client that does not read them, at most (roughly: one answer may go
+/// over): past this no more of its requests are taken, so a client that pipelines requests
+/// and never reads the answers holds a bounded amount of memory.
+const MAX_PENDING_OUT: usize = 64 << 10;
 
 /// A connection's number.
 pub type ConnId = u64;
@@ -57,7 +64,10 @@ struct Conn {
     /// A request of this connection is with the VMM.
     busy: bool,
     close_after_write: bool,
-    watching_out: bool,
+    /// The client shut its sending side (EOF read).
+    eof: bool,
+    /// The events watched on the socket.
+    watching: EventSet,
     last_active: Instant,
 }
 
@@ -173,7 +183,8 @@ impl ApiServer {
                     outbuf: Vec::new(),
                     busy: false,
                     close_after_write: false,
-                    watching_out: false,
+                    eof: false,
+                    watching: EventSet::IN,
                     last_active: Instant::now(),
                 },
             );
@@ -187,39 +198,43 @@ impl ApiServer {
         }
     }
 
-    /// Reads what the client sent; false when the connection ended.
-    fn read(&mut self, id: ConnId) -> bool {
+    /// Reads what the client sent, up to [`READ_CAP`] buffered, until EOF (or an error:
+    /// the same, nothing more will come).
+    fn read(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else {
-            return false;
+            return;
         };
         let mut buf = [0u8; 4096];
-        loop {
-            match (&c.stream).read(&mut buf) {
-                Ok(0) => return false,
+        while !c.eof {
+            let room = READ_CAP.saturating_sub(c.inbuf.len()).min(buf.len());
+            if room == 0 {
+                return; // parse() takes or refuses what is buffered first
+            }
+            match (&c.stream).read(&mut buf[..room]) {
+                Ok(0) => c.eof = true,
                 Ok(n) => {
                     c.last_active = Instant::now();
                     c.inbuf.extend_from_slice(&buf[..n]);
-                    if c.inbuf.len() > http::MAX_HEAD + http::MAX_BODY + 4096 {
-                        return true; // parse() refuses it
-                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
+                Err(_) => c.eof = true,
             }
         }
     }
 
     /// Moves the next complete request of `id` to the inbox (one at a time per connection).
+    /// Once the client has stopped sending and no complete request is left, the connection
+    /// closes after its last answer.
     fn parse(&mut self, id: ConnId, ops: &mut EventOps) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        if c.busy || c.close_after_write {
+        if c.busy || c.close_after_write || c.outbuf.len() > MAX_PENDING_OUT {
             return;
         }
         match http::parse(&c.inbuf) {
-            Ok(None) => {}
+            Ok(None) => c.close_after_write = c.eof,
             Ok(Some((req, used))) => {
                 c.inbuf.drain(..used);
                 c.close_after_write = !req.keep_alive;
@@ -299,19 +314,21 @@ impl ApiServer {
                 }
             }
         }
-        let want_out = !c.outbuf.is_empty();
         if c.outbuf.is_empty() && c.close_after_write && !c.busy {
             self.close(id, ops);
             return;
         }
-        if want_out != c.watching_out {
-            c.watching_out = want_out;
-            let set = if want_out {
-                EventSet::IN | EventSet::OUT
-            } else {
-                EventSet::IN
-            };
-            let _ = ops.modify(Events::new(&c.stream, set));
+        // Input is watched while there is room for it; output while some waits.
+        let mut want = EventSet::empty();
+        if !c.eof && c.inbuf.len() < READ_CAP {
+            want |= EventSet::IN;
+        }
+        if !c.outbuf.is_empty() {
+            want |= EventSet::OUT;
+        }
+        if want != c.watching {
+            c.watching = want;
+            let _ = ops.modify(Events::new(&c.stream, want));
         }
     }
 
@@ -369,13 +386,8 @@ impl MutEventSubscriber for ApiServer {
             }
         }
         // A server moved to a new event loop (a VM restart) watches its connections again.
-        for c in self.conns.values_mut() {
-            let set = if c.watching_out {
-                EventSet::IN | EventSet::OUT
-            } else {
-                EventSet::IN
-            };
-            if let Err(err) = ops.add(Events::new(&c.stream, set)) {
+        for c in self.conns.values() {
+            if let Err(err) = ops.add(Events::new(&c.stream, c.watching)) {
                 log::warn!("API: cannot watch a connection: {err:?}");
             }
         }
@@ -392,28 +404,158 @@ impl MutEventSubscriber for ApiServer {
             let _ = self.reaper.wait();
             self.reap_idle(ops);
         } else if let Some(&id) = self.by_fd.get(&fd) {
-            let set = events.event_set();
-            if set.contains(EventSet::OUT) {
-                self.flush(id, ops);
-            }
-            if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                let open = self.read(id);
-                self.parse(id, ops);
-                self.flush(id, ops);
-                let busy = self.conns.get(&id).is_some_and(|c| c.busy);
-                if !open && !busy {
-                    self.close(id, ops);
-                } else if !open {
-                    // The client half-closed after its request: answer, then close.
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        c.close_after_write = true;
-                        let _ = ops.modify(Events::new(&c.stream, EventSet::empty()));
-                    }
-                }
-            }
+            self.serve_connection(id, events.event_set(), ops);
+        }
+    }
+}
+
+impl ApiServer {
+    /// Reads, takes the next request and writes what waits, for one ready connection.
+    fn serve_connection(&mut self, id: ConnId, set: EventSet, ops: &mut EventOps) {
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+            self.read(id);
+        }
+        self.flush(id, ops);
+        self.parse(id, ops);
+        self.flush(id, ops);
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            // Hung up both ways: nobody can read an answer. A request already taken is
+            // still carried out, its answer dropped.
+            self.close(id, ops);
         }
     }
 }
 
 /// An [`ApiServer`] shared by the event loop and the VMM.
 pub type SharedServer = Arc<Mutex<ApiServer>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+
+    type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    fn server() -> (tempfile::TempDir, SharedServer, Loop) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(Mutex::new(
+            ApiServer::bind(&dir.path().join("api.sock"), None).unwrap(),
+        ));
+        let mut events: Loop = EventManager::new().unwrap();
+        events.add_subscriber(server.clone());
+        (dir, server, events)
+    }
+
+    /// One round of the VMM's loop: events, then every queued request answered.
+    fn round(server: &SharedServer, events: &mut Loop) -> usize {
+        events.run_with_timeout(10).unwrap();
+        let mut s = server.lock().unwrap();
+        let mut answered = 0;
+        while let Some((conn, _)) = s.next_request() {
+            s.respond(conn, Response::json(200, "{\"state\":\"Running\"}".into()));
+            answered += 1;
+        }
+        answered
+    }
+
+    #[test]
+    fn a_client_that_never_reads_holds_bounded_buffers_and_others_are_served() {
+        let (dir, server, mut events) = server();
+        let flood = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        flood.set_nonblocking(true).unwrap();
+        let requests = b"GET / HTTP/1.1\r\n\r\n".repeat(500);
+        let mut sent = 0;
+        for _ in 0..300 {
+            if let Ok(n) = (&flood).write(&requests) {
+                sent += n;
+            }
+            round(&server, &mut events);
+        }
+        let held: Vec<(usize, usize)> = server
+            .lock()
+            .unwrap()
+            .conns
+            .values()
+            .map(|c| (c.inbuf.len(), c.outbuf.len()))
+            .collect();
+
+        assert_eq!(held.len(), 1);
+        let (inbuf, outbuf) = held[0];
+        assert!(inbuf <= READ_CAP, "{inbuf} bytes of input held");
+        assert!(
+            outbuf <= MAX_PENDING_OUT + 4096,
+            "{outbuf} bytes of output held"
+        );
+        assert!(
+            sent < 4 << 20,
+            "took {sent} bytes from a client that reads nothing"
+        );
+
+        let mut other = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        other.set_nonblocking(true).unwrap();
+        other.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        for _ in 0..50 {
+            round(&server, &mut events);
+            let mut buf = [0u8; 256];
+            if let Ok(n) = other.read(&mut buf) {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    }
+
+    #[test]
+    fn a_client_that_half_closes_gets_every_pipelined_answer_then_eof() {
+        let (dir, server, mut events) = server();
+        let mut client = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n")
+            .unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut answers = Vec::new();
+        let mut eof = false;
+        for _ in 0..50 {
+            round(&server, &mut events);
+            let mut buf = [0u8; 4096];
+            match client.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => answers.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+
+        let text = String::from_utf8_lossy(&answers);
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        assert!(eof, "the connection stays open after the last answer");
+        assert!(server.lock().unwrap().conns.is_empty());
+    }
+
+    #[test]
+    fn endless_blank_lines_are_refused_not_buffered() {
+        let (dir, server, mut events) = server();
+        let mut client = UnixStream::connect(dir.path().join("api.sock")).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let blank = b"\r\n".repeat(4096);
+        let mut answer = Vec::new();
+        for _ in 0..50 {
+            let _ = client.write(&blank);
+            round(&server, &mut events);
+            let mut buf = [0u8; 512];
+            match client.read(&mut buf) {
+                Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                _ => {}
+            }
+        }
+        assert!(
+            answer.starts_with(b"HTTP/1.1 413 Payload Too Large\r\n"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}

@@ -182,7 +182,7 @@ pub fn run(a: CloneArgs) -> ExitCode {
         }
         cfg.normalize(&a.name);
         definitions::save(&cfg).map_err(|e| Failure::failed(crate::error_chain(&e)))?;
-        println!("Clone '{}' created successfully.", a.name);
+        outln!("Clone '{}' created successfully.", a.name);
         Ok(())
     })())
 }

@@ -64,7 +64,7 @@ pub fn define(a: DefineArgs) -> ExitCode {
         let mut cfg = definitions::parse(&text, &a.file).map_err(def_failure)?;
         cfg.normalize(&cfg.name.clone());
         let path = definitions::save(&cfg).map_err(def_failure)?;
-        println!(
+        outln!(
             "VM {} defined from {} ({})",
             cfg.name,
             a.file.display(),
@@ -79,7 +79,7 @@ pub fn undefine(a: super::verbs::NameArg) -> ExitCode {
     finish((|| {
         require_defined(&a.name)?;
         definitions::remove(&a.name).map_err(def_failure)?;
-        println!("VM {} has been undefined", a.name);
+        outln!("VM {} has been undefined", a.name);
         Ok(())
     })())
 }
@@ -89,14 +89,14 @@ pub fn dumpconfig(a: super::verbs::NameArg) -> ExitCode {
     finish((|| {
         if definitions::exists(&a.name) {
             let cfg = definitions::load(&a.name).map_err(def_failure)?;
-            print!("{}", definitions::to_text(&cfg));
+            out!("{}", definitions::to_text(&cfg));
             return Ok(());
         }
         let info = super::get(&a.name, "/ember/info")?;
         let cfg: VmConfig = serde_json::from_value(info["config"].clone()).map_err(|e| {
             Failure::failed(format!("the VM sent a configuration I cannot read: {e}"))
         })?;
-        print!("{}", definitions::to_text(&cfg));
+        out!("{}", definitions::to_text(&cfg));
         Ok(())
     })())
 }
@@ -134,7 +134,7 @@ pub fn edit(a: super::verbs::NameArg) -> ExitCode {
         let edited = std::fs::read_to_string(tmp.path())
             .map_err(|e| Failure::failed(format!("{}: {e}", tmp.path().display())))?;
         if edited == original {
-            println!("VM {} definition not changed", a.name);
+            outln!("VM {} definition not changed", a.name);
             return Ok(());
         }
         let mut cfg = definitions::parse(&edited, &path).map_err(|e| {
@@ -151,7 +151,7 @@ pub fn edit(a: super::verbs::NameArg) -> ExitCode {
         }
         cfg.normalize(&a.name);
         definitions::save(&cfg).map_err(def_failure)?;
-        println!("VM {} definition edited", a.name);
+        outln!("VM {} definition edited", a.name);
         Ok(())
     })())
 }
@@ -162,9 +162,9 @@ pub fn autostart(a: AutostartArgs) -> ExitCode {
         require_defined(&a.name)?;
         definitions::set_autostart(&a.name, !a.disable).map_err(def_failure)?;
         if a.disable {
-            println!("VM {} unmarked as autostarted", a.name);
+            outln!("VM {} unmarked as autostarted", a.name);
         } else {
-            println!("VM {} marked as autostarted", a.name);
+            outln!("VM {} marked as autostarted", a.name);
         }
         Ok(())
     })())

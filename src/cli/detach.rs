@@ -75,7 +75,7 @@ pub fn spawn_detached(args: &[OsString]) -> ExitCode {
     }
     match (name, child.try_wait()) {
         (Some(n), _) => {
-            println!("{n}");
+            outln!("{n}");
             ExitCode::SUCCESS
         }
         (None, Ok(Some(status))) => ExitCode::from(status.code().unwrap_or(1) as u8),

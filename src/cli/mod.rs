@@ -1,6 +1,23 @@
 //! The `ember` command line: argument structs and what each command does. Every failure is
 //! one line on stderr; bad input exits 2.
 
+/// `println!` for the verbs' output, which ends quietly when stdout is gone (`ember list |
+/// head`): Rust ignores SIGPIPE, and `println!` would panic on the broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that ends quietly when stdout is gone, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod clone;
 pub mod console;
 pub mod defs;

@@ -84,7 +84,7 @@ pub fn create(a: CreateArgs) -> ExitCode {
             "name": a.snapshot, "description": a.description, "disk_only": a.disk_only,
         });
         send(&a.name, "PUT", "/ember/snapshots", body)?;
-        println!("Domain snapshot {} created", a.snapshot);
+        outln!("Domain snapshot {} created", a.snapshot);
         Ok(())
     })())
 }
@@ -129,18 +129,18 @@ pub fn info(a: SnapArgs) -> ExitCode {
             ),
         ];
         for (k, v) in rows {
-            println!("{:<16}{v}", format!("{k}:"));
+            outln!("{:<16}{v}", format!("{k}:"));
         }
         for d in &m.disks {
             match &d.part {
                 store::DiskPart::Internal { image } => {
-                    println!(
+                    outln!(
                         "Disk {}:       internal snapshot in {}",
                         d.id,
                         image.display()
                     )
                 }
-                store::DiskPart::External { image, overlay } => println!(
+                store::DiskPart::External { image, overlay } => outln!(
                     "Disk {}:       {} (frozen), now on {}",
                     d.id,
                     image.display(),
@@ -164,7 +164,7 @@ pub fn revert(a: SnapArgs) -> ExitCode {
                 "/ember/snapshots/revert",
                 json!({ "name": a.snapshot }),
             )?;
-            println!("VM {} reverted to snapshot {}", a.name, a.snapshot);
+            outln!("VM {} reverted to snapshot {}", a.name, a.snapshot);
             return Ok(None);
         }
         crate::snapshot::disks::apply(&m).map_err(Failure::failed)?;
@@ -206,7 +206,7 @@ pub fn delete(a: SnapArgs) -> ExitCode {
             crate::snapshot::disks::delete(&m).map_err(Failure::failed)?;
             store::remove(&a.name, &a.snapshot).map_err(|e| Failure::failed(e.to_string()))?;
         }
-        println!("Domain snapshot {} deleted", a.snapshot);
+        outln!("Domain snapshot {} deleted", a.snapshot);
         Ok(())
     })())
 }

@@ -76,11 +76,11 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!(" {}", parts.join("   ").trim_end());
+        outln!(" {}", parts.join("   ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     let total: usize = widths.iter().sum::<usize>() + 3 * widths.len();
-    println!("{}", "-".repeat(total));
+    outln!("{}", "-".repeat(total));
     for r in rows {
         line(r.clone());
     }
@@ -111,7 +111,7 @@ pub fn list(a: ListArgs) -> ExitCode {
     }
     if a.name {
         for r in rows {
-            println!("{}", r[1]);
+            outln!("{}", r[1]);
         }
     } else {
         print_table(&["Id", "Name", "State"], &rows);
@@ -157,11 +157,11 @@ pub fn shutdown(a: ShutdownArgs) -> ExitCode {
         let vm = running(&a.name)?;
         action(&a.name, "Shutdown", mode)?;
         let Some(secs) = a.timeout else {
-            println!("VM {} is being shut down", a.name);
+            outln!("VM {} is being shut down", a.name);
             return Ok(());
         };
         if wait_gone(&a.name, vm.pid, Duration::from_secs(secs)) {
-            println!("VM {} is shut off", a.name);
+            outln!("VM {} is shut off", a.name);
             Ok(())
         } else {
             Err(Failure::failed(format!(
@@ -185,7 +185,7 @@ pub fn reboot(a: RebootArgs) -> ExitCode {
     finish((|| {
         let mode = parse_mode(&a.mode)?;
         action(&a.name, "Reboot", mode)?;
-        println!("VM {} is being rebooted", a.name);
+        outln!("VM {} is being rebooted", a.name);
         Ok(())
     })())
 }
@@ -194,7 +194,7 @@ pub fn reboot(a: RebootArgs) -> ExitCode {
 pub fn reset(a: NameArg) -> ExitCode {
     finish((|| {
         action(&a.name, "Reset", ShutdownMode::Acpi)?;
-        println!("VM {} was reset", a.name);
+        outln!("VM {} was reset", a.name);
         Ok(())
     })())
 }
@@ -210,7 +210,7 @@ pub fn destroy(a: NameArg) -> ExitCode {
                 a.name, vm.pid
             )));
         }
-        println!("VM {} destroyed", a.name);
+        outln!("VM {} destroyed", a.name);
         Ok(())
     })())
 }
@@ -221,12 +221,12 @@ fn set_state(name: &str, state: &str) -> Result<(), Failure> {
 
 /// `ember suspend NAME`.
 pub fn suspend(a: NameArg) -> ExitCode {
-    finish(set_state(&a.name, "Paused").map(|()| println!("VM {} suspended", a.name)))
+    finish(set_state(&a.name, "Paused").map(|()| outln!("VM {} suspended", a.name)))
 }
 
 /// `ember resume NAME`.
 pub fn resume(a: NameArg) -> ExitCode {
-    finish(set_state(&a.name, "Resumed").map(|()| println!("VM {} resumed", a.name)))
+    finish(set_state(&a.name, "Resumed").map(|()| outln!("VM {} resumed", a.name)))
 }
 
 /// `ember console NAME [--force]`.
@@ -265,12 +265,12 @@ pub fn dominfo(a: NameArg) -> ExitCode {
             ("Autostart", enable(definitions::autostart(&a.name))),
         ];
         for (k, val) in rows {
-            println!("{:<16}{val}", format!("{k}:"));
+            outln!("{:<16}{val}", format!("{k}:"));
         }
-        println!("Devices:");
+        outln!("Devices:");
         let devs = v["devices"].as_array().cloned().unwrap_or_default();
         for d in devs {
-            println!(
+            outln!(
                 "  {:<12}{:<16}{:<6}{:#x}{}",
                 field(&d, "id"),
                 field(&d, "kind"),
@@ -373,7 +373,7 @@ pub fn vcpuinfo(a: NameArg) -> ExitCode {
         let vm_state = field(&info, "state").to_lowercase();
         for (i, (idx, cpu, secs, st)) in vcpu_threads(vm.pid).into_iter().enumerate() {
             if i > 0 {
-                println!();
+                outln!();
             }
             let state = if vm_state == "paused" {
                 "paused".to_string()
@@ -382,10 +382,10 @@ pub fn vcpuinfo(a: NameArg) -> ExitCode {
             } else {
                 "idle".to_string()
             };
-            println!("{:<16}{idx}", "VCPU:");
-            println!("{:<16}{cpu}", "CPU:");
-            println!("{:<16}{state}", "State:");
-            println!("{:<16}{secs:.1}s", "CPU time:");
+            outln!("{:<16}{idx}", "VCPU:");
+            outln!("{:<16}{cpu}", "CPU:");
+            outln!("{:<16}{state}", "State:");
+            outln!("{:<16}{secs:.1}s", "CPU time:");
         }
         Ok(())
     })())
@@ -413,13 +413,13 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
 pub fn domstats(a: NameArg) -> ExitCode {
     finish((|| {
         let v = get(&a.name, "/ember/counters")?;
-        println!("Domain: '{}'", a.name);
+        outln!("Domain: '{}'", a.name);
         let mut out = Vec::new();
         for key in ["state", "vcpus", "disks", "nets"] {
             flatten(key, &v[key], &mut out);
         }
         for (k, val) in out {
-            println!("  {k}={val}");
+            outln!("  {k}={val}");
         }
         Ok(())
     })())
@@ -455,7 +455,7 @@ pub fn save(a: SaveArgs) -> ExitCode {
             .map_err(|e| Failure::usage(format!("{}: {e}", a.file.display())))?;
         send(&a.name, "PUT", "/ember/save", json!({ "path": path }))?;
         wait_gone(&a.name, vm.pid, Duration::from_secs(30));
-        println!("VM {} saved to {}", a.name, a.file.display());
+        outln!("VM {} saved to {}", a.name, a.file.display());
         Ok(())
     })())
 }

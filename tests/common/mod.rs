@@ -2,6 +2,8 @@
 //! kit (or fail loudly), and run ember with a deadline.
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
