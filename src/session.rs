@@ -233,6 +233,7 @@ pub fn run(mut req: RunRequest) -> Result<Outcome, SessionError> {
         }
         Some(Arc::new(Mutex::new(server)))
     };
+    dir.publish()?;
     let session = Session {
         name: req.name.clone(),
         console,

@@ -99,8 +99,6 @@ impl VmDir {
         ] {
             let _ = fs::remove_file(path.join(stale));
         }
-        let pid_path = path.join("pid");
-        fs::write(&pid_path, format!("{}\n", std::process::id())).map_err(io_err(&pid_path))?;
         Ok(VmDir {
             name: name.to_string(),
             path,
@@ -117,6 +115,15 @@ impl VmDir {
             .write(true)
             .open(&lock_path)
             .map_err(io_err(&lock_path))
+    }
+
+    /// Makes the VM visible to `ember list` and the verbs (its API socket is up): writes
+    /// the pid file.
+    pub fn publish(&self) -> Result<(), VmDirError> {
+        let pid_path = self.path.join("pid");
+        let tmp = self.path.join("pid.tmp");
+        fs::write(&tmp, format!("{}\n", std::process::id())).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &pid_path).map_err(io_err(&pid_path))
     }
 
     /// The VM's name.
@@ -234,6 +241,8 @@ mod tests {
     fn a_name_is_claimed_once_and_freed_on_drop() {
         with_root(|_| {
             let a = VmDir::claim("web").unwrap();
+            assert!(find("web").is_none(), "not listed before it is published");
+            a.publish().unwrap();
             assert!(matches!(VmDir::claim("web"), Err(VmDirError::InUse { .. })));
             let found = find("web").unwrap();
             assert_eq!(found.pid, std::process::id());
