@@ -17,15 +17,14 @@ use devices::legacy::{
 };
 use devices::virtio::block::handler::BlockHandler;
 use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::handler::NetHandler;
 use devices::virtio::net::tap::{self, Tap, TapError};
 use devices::virtio::net::{mac_for, Net};
-use devices::virtio::{VirtioDevice, VirtioInterrupt};
+use devices::virtio::{QueueNotify, VirtioDevice, VirtioTransport};
 use devices::{ExitSink, Interrupt, IrqLevel};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
-use kvm_ioctls::IoEventAddress;
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde::Serialize;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -244,6 +243,69 @@ fn open_tap(backend: &NetBackendConfig, own_name: &str) -> Result<Tap, DeviceErr
             tap::add_to_bridge(network.bridge(), &name).map_err(setup(&name))?;
             tap::set_interface_up(&name).map_err(setup(&name))?;
             Ok(t)
+        }
+    }
+}
+
+/// `n` non-blocking eventfds, one per queue.
+fn queue_eventfds(n: usize) -> Result<Vec<EventFd>, DeviceError> {
+    (0..n)
+        .map(|_| EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd))
+        .collect()
+}
+
+/// Second handles on the same eventfds.
+fn clone_eventfds(evts: &[EventFd]) -> Result<Vec<EventFd>, DeviceError> {
+    evts.iter()
+        .map(|e| e.try_clone().map_err(DeviceError::EventFd))
+        .collect()
+}
+
+/// Registers one ioeventfd per queue at the transport region placed at `base`: a write
+/// there signals the queue's eventfd in KVM, without an exit to Ember. On failure, what was
+/// registered is undone.
+fn register_notifies(
+    vm: &VmFd,
+    base: u64,
+    notifies: &[QueueNotify],
+    evts: &[EventFd],
+) -> Result<(), DeviceError> {
+    for (i, n) in notifies.iter().enumerate() {
+        let Some(evt) = evts.get(usize::from(n.queue)) else {
+            continue;
+        };
+        let addr = IoEventAddress::Mmio(base + n.offset);
+        let done = match n.datamatch {
+            Some(v) => vm.register_ioevent(evt, &addr, v),
+            None => vm.register_ioevent(evt, &addr, NoDatamatch),
+        };
+        if let Err(source) = done {
+            unregister_notifies(vm, base, &notifies[..i], evts);
+            return Err(DeviceError::Ioeventfd {
+                addr: base + n.offset,
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Undoes [`register_notifies`].
+fn unregister_notifies(vm: &VmFd, base: u64, notifies: &[QueueNotify], evts: &[EventFd]) {
+    for n in notifies {
+        let Some(evt) = evts.get(usize::from(n.queue)) else {
+            continue;
+        };
+        let addr = IoEventAddress::Mmio(base + n.offset);
+        let done = match n.datamatch {
+            Some(v) => vm.unregister_ioevent(evt, &addr, v),
+            None => vm.unregister_ioevent(evt, &addr, NoDatamatch),
+        };
+        if let Err(e) = done {
+            log::warn!(
+                "cannot unregister the ioeventfd at {:#x}: {e}",
+                base + n.offset
+            );
         }
     }
 }
@@ -483,35 +545,22 @@ impl DeviceManager {
     ) -> Result<Wired, DeviceError> {
         let line = irqfd(&self.vm, irq)?;
         let ours = line.try_clone().map_err(DeviceError::EventFd)?;
-        let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(line)));
         let queues = devices::bus::lock_device(&device, |d| d.queue_max_sizes().len());
-        let addr = base + QUEUE_NOTIFY;
-        let mut evts = Vec::with_capacity(queues);
-        for q in 0..queues {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-            if let Err(source) =
-                self.vm
-                    .register_ioevent(&evt, &IoEventAddress::Mmio(addr), q as u32)
-            {
-                self.unwire(&ours, irq, &evts, addr);
-                return Err(DeviceError::Ioeventfd { addr, source });
-            }
-            evts.push(evt);
-        }
-        let transport_evts = evts
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(DeviceError::EventFd)?;
+        let evts = queue_eventfds(queues)?;
+        let transport_evts = clone_eventfds(&evts)?;
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             device,
-            interrupt,
+            Arc::new(line),
             self.mem.clone(),
             transport_evts,
         )));
-        if let Err(e) = self.buses.mmio.insert(transport.clone(), base, len) {
-            self.unwire(&ours, irq, &evts, addr);
-            return Err(e.into());
+        let notifies = devices::bus::lock_device(&transport, |t| t.queue_notifies());
+        let wired = register_notifies(&self.vm, base, &notifies, &evts)
+            .and_then(|()| Ok(self.buses.mmio.insert(transport.clone(), base, len)?));
+        if let Err(e) = wired {
+            unregister_notifies(&self.vm, base, &notifies, &evts);
+            self.unregister_irqfd(&ours, irq);
+            return Err(e);
         }
         Ok(Wired {
             irqfd: ours,
@@ -520,16 +569,8 @@ impl DeviceManager {
         })
     }
 
-    /// Unregisters a device's irqfd and ioeventfds.
-    fn unwire(&self, irqfd: &EventFd, irq: u32, evts: &[EventFd], notify: u64) {
-        for (q, evt) in evts.iter().enumerate() {
-            if let Err(e) = self
-                .vm
-                .unregister_ioevent(evt, &IoEventAddress::Mmio(notify), q as u32)
-            {
-                log::warn!("cannot unregister the ioeventfd at {notify:#x}: {e}");
-            }
-        }
+    /// Unregisters a device's irqfd.
+    fn unregister_irqfd(&self, irqfd: &EventFd, irq: u32) {
         if let Err(e) = self.vm.unregister_irqfd(irqfd, irq) {
             log::warn!("cannot unregister the irqfd of IRQ {irq}: {e}");
         }
@@ -545,8 +586,9 @@ impl DeviceManager {
         let entry = self.entries.remove(pos);
         if let Some((base, _)) = entry.resources.mmio {
             self.buses.mmio.remove(base);
-            let irq = entry.resources.irq.unwrap_or_default();
-            self.unwire(&entry.irqfd, irq, &entry.queue_evts, base + QUEUE_NOTIFY);
+            let notifies = devices::bus::lock_device(&entry.transport, |t| t.queue_notifies());
+            unregister_notifies(&self.vm, base, &notifies, &entry.queue_evts);
+            self.unregister_irqfd(&entry.irqfd, entry.resources.irq.unwrap_or_default());
         }
         if let Err(e) = events.remove_subscriber(entry.subscriber) {
             log::warn!("device {id}: cannot leave the event loop: {e:?}");
