@@ -11,6 +11,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod queue;
 #[cfg(test)]
 pub(crate) mod testing;
