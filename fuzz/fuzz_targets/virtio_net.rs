@@ -13,11 +13,11 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use devices::virtio::mmio::MmioInterrupt;
 use devices::virtio::net::{
     feature, Net, NetBackend, RxState, TxState, FRAMES_PER_PASS, MAX_FRAME,
 };
 use devices::virtio::queue::{check_layout, QueueConfig};
-use devices::virtio::mmio::MmioInterrupt;
 use devices::virtio::{features, VirtioDevice};
 use devices::Interrupt;
 use libfuzzer_sys::fuzz_target;
