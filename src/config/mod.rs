@@ -59,11 +59,11 @@ pub enum RebootAction {
 /// How a virtio device reaches the guest: `transport=mmio|pci` on a device, or the VM's
 /// default (`transport` in a definition or the API).
 ///
-/// The default is virtio-mmio: on the hosts Ember is measured on, where guest kernel code
-/// is emulated, a PCI host costs the guest kernel its PCI and ACPI root-bridge setup at
-/// boot, more than the exits MSI-X saves on block I/O (see `benches/pci.sh` and
-/// docs/virtio-pci.md for the numbers). PCI is what hotplug and guests without
-/// `virtio_mmio.device=` support need.
+/// The default is virtio-mmio: where guest kernel code is emulated (the hosts Ember is
+/// measured on), a PCI host costs the guest kernel its PCI and ACPI root-bridge setup at
+/// every boot, far more than the two exits per interrupt MSI-X saves on I/O (the README's
+/// "Transports" section has the numbers from `benches/pci.sh`). PCI is for guests without
+/// `virtio_mmio.device=` support, and for hotplug.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {

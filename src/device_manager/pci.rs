@@ -72,6 +72,14 @@ pub struct PciDeviceState {
     pub transport: VirtioPciState,
 }
 
+/// Where a new device goes: its slot on the root bus, its BAR, the windows BARs may move in.
+struct Seat {
+    root: Arc<PciRoot>,
+    slot: u8,
+    bar: u64,
+    windows: Vec<(u64, u64)>,
+}
+
 /// What wiring a device to PCI made.
 struct PciWired {
     transport: Arc<Mutex<VirtioPciDevice>>,
@@ -168,7 +176,13 @@ impl DeviceManager {
         let p = self.pci.as_mut().ok_or(DeviceError::NoPciSlot)?;
         let slot = p.root.free_slot().ok_or(DeviceError::NoPciSlot)?;
         let bar = p.mmio64.alloc(BAR_SIZE).ok_or(DeviceError::NoPciSpace)?;
-        let (root, routes, windows) = (p.root.clone(), p.routes.clone(), p.windows.clone());
+        let seat = Seat {
+            root: p.root.clone(),
+            slot,
+            bar,
+            windows: p.windows.clone(),
+        };
+        let routes = p.routes.clone();
         let queues = devices::bus::lock_device(&device, |d| d.queue_max_sizes().len());
         let built = queue_eventfds(queues).and_then(|evts| {
             let msi = Arc::new(KvmMsiSink::new(self.vm.clone(), routes, queues as u16 + 1)?);
@@ -181,8 +195,7 @@ impl DeviceManager {
                 return Err(e);
             }
         };
-        let placed = self.place_on_root(id, device, &root, slot, bar, &evts, &msi, windows);
-        match placed {
+        match self.place_on_root(id, device, seat, &evts, &msi) {
             Ok(transport) => Ok(PciWired {
                 transport,
                 slot,
@@ -198,24 +211,21 @@ impl DeviceManager {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The transport for `device` in its seat, its BARs followed by a mapper.
     fn place_on_root(
         &self,
         id: &str,
         device: Arc<Mutex<dyn VirtioDevice>>,
-        root: &PciRoot,
-        slot: u8,
-        bar: u64,
+        seat: Seat,
         evts: &[EventFd],
         msi: &Arc<KvmMsiSink>,
-        windows: Vec<(u64, u64)>,
     ) -> Result<Arc<Mutex<VirtioPciDevice>>, DeviceError> {
         let transport = VirtioPciDevice::new(
             device,
             msi.clone(),
             self.mem.clone(),
             clone_eventfds(evts)?,
-            bar,
+            seat.bar,
         )
         .map_err(DeviceError::PciLayout)?;
         let notifies = transport.queue_notifies();
@@ -227,10 +237,11 @@ impl DeviceManager {
             as_pci.clone(),
             notifies,
             clone_eventfds(evts)?,
-            windows,
+            seat.windows,
             id,
         );
-        root.add_device(slot, as_pci, Arc::new(mapper))
+        seat.root
+            .add_device(seat.slot, as_pci, Arc::new(mapper))
             .map_err(|_| DeviceError::NoPciSlot)?;
         Ok(transport)
     }

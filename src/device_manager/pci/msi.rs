@@ -257,4 +257,29 @@ mod tests {
             (0xfee0_1000, 1, 0x4041)
         );
     }
+
+    #[test]
+    fn kvm_takes_the_routes_and_an_irqfd_per_vector_and_all_come_back_on_release() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap_or_else(|e| {
+            panic!("this test is about KVM and needs /dev/kvm, which cannot be opened: {e}")
+        });
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let routes = Arc::new(MsiRoutes::new(vm.clone()));
+        let sink = KvmMsiSink::new(vm.clone(), routes.clone(), 3).unwrap();
+        assert_eq!(sink.gsis, [24, 25, 26]);
+        let msg = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x41,
+        };
+
+        routes.set(sink.gsis[1], Some(msg)).unwrap();
+        sink.trigger(1);
+        routes.set(sink.gsis[1], None).unwrap();
+        sink.release();
+
+        let all = (MSI_GSI_END - IOAPIC_PINS) as usize;
+        assert_eq!(routes.alloc(all).map(|g| g.len()), Some(all), "every GSI is free");
+        assert!(routes.lock().msi.is_empty());
+    }
 }
