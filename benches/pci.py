@@ -7,8 +7,9 @@ reads, then writes, of /dev/vdb, each between two console lines this script answ
 reading Ember's exit counters (`ember domstats`); a batch of 0 requests measures the
 handshake itself, which is subtracted. Exits counted are those Ember's vCPU loop sees
 (port and MMIO accesses that reach the VMM, and the rest); ioeventfd and irqfd traffic
-never leaves KVM. Prints a table; with one run per transport (80 s boots) the boot times
-are single samples, and on a shared host they move with its load.
+never leaves KVM. Ember's CPU time until init (the vCPU thread's, where KVM emulates guest
+kernel code, counts there) is steadier than wall time on a shared host. Prints a table;
+with one run per transport (80 s boots) the boot times are single samples.
 
 usage: benches/pci.sh [--runs N] [--requests N] [--memory MIB]
 """
@@ -46,6 +47,13 @@ def domstats(env, name):
 def exits(stats):
     return sum(int(v) for k, v in stats.items()
                if k.startswith("vcpus.") and k.rsplit(".", 1)[-1] in EXIT_KINDS)
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process (its vCPU threads' guest time included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def disk_ops(stats, index):
@@ -107,6 +115,7 @@ def run_once(transport, args, work):
     g = Guest(argv, env, args.limit)
     g.expect(MARKER)
     boot = time.monotonic() - start
+    boot_cpu = cpu_seconds(g.p.pid)
     boot_exits = exits(domstats(env, name))
     per = {}
     for op in ("read", "write"):
@@ -124,7 +133,7 @@ def run_once(transport, args, work):
             raise RuntimeError(f"{op}: {ops} requests reached the disk, {args.requests} expected")
         per[op] = max(0.0, (total - base) / ops)
     g.p.wait(timeout=120)
-    return boot, boot_exits, per
+    return boot, boot_cpu, boot_exits, per
 
 
 def main():
@@ -145,23 +154,23 @@ def main():
         for _ in range(args.runs):
             for t in ("mmio", "pci"):
                 results[t].append(run_once(t, args, work))
-                boot, boot_exits, per = results[t][-1]
-                print(f"# {t}: boot {boot:.1f} s ({boot_exits} exits), exits/request read "
-                      f"{per['read']:.2f} write {per['write']:.2f}", file=sys.stderr)
+                boot, cpu, boot_exits, per = results[t][-1]
+                print(f"# {t}: boot {boot:.1f} s ({cpu:.1f} s CPU, {boot_exits} exits), "
+                      f"exits/request read {per['read']:.2f} write {per['write']:.2f}",
+                      file=sys.stderr)
     print(f"{args.runs} boot(s) per transport, {args.requests} requests per batch, "
           f"{args.memory} MiB, kernel {os.path.join(GUEST, 'vmlinux')}")
     print()
-    print("| transport | boot to init (s) | exits to Ember until init | exits per 4 KiB read "
-          "| exits per 4 KiB write |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| transport | boot to init (s) | Ember CPU until init (s) | exits until init "
+          "| exits per 4 KiB read | exits per 4 KiB write |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for t in ("mmio", "pci"):
         rows = results[t]
         mid = len(rows) // 2
-        boot = sorted(r[0] for r in rows)[mid]
-        boot_exits = sorted(r[1] for r in rows)[mid]
-        rd = sorted(r[2]["read"] for r in rows)[mid]
-        wr = sorted(r[2]["write"] for r in rows)[mid]
-        print(f"| virtio-{t} | {boot:.1f} | {boot_exits} | {rd:.2f} | {wr:.2f} |")
+        boot, cpu, boot_exits = (sorted(r[i] for r in rows)[mid] for i in range(3))
+        rd = sorted(r[3]["read"] for r in rows)[mid]
+        wr = sorted(r[3]["write"] for r in rows)[mid]
+        print(f"| virtio-{t} | {boot:.1f} | {cpu:.1f} | {boot_exits} | {rd:.2f} | {wr:.2f} |")
     if args.runs > 1:
         print("\n(medians)")
 

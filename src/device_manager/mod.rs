@@ -1,6 +1,7 @@
 //! The device registry of one VM, alive as long as the VM: the one place devices are
-//! attached and detached. Attaching takes resources (MMIO window, IRQ) from an allocator,
-//! registers the irqfd and ioeventfds, puts the device on its bus (buses take devices while
+//! attached and detached. Attaching takes resources (MMIO window and IRQ for virtio-mmio;
+//! slot, BAR space and MSI-X vectors for virtio-pci, see `pci`) from allocators,
+//! registers the irqfds and ioeventfds, puts the device on its bus (buses take devices while
 //! vCPUs run), subscribes its event-loop handler and records it under its id; detaching
 //! undoes each step and gives the resources back.
 
