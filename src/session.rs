@@ -543,6 +543,7 @@ fn snapshot_load(pending: &PendingVm, l: &fc::SnapshotLoad) -> Result<RestoreSpe
             network: None,
             mac: None,
             mtu: 1500,
+            transport: None,
         })
         .collect();
     Ok(RestoreSpec {

@@ -6,7 +6,11 @@
 //! 0x0000_8ff0  boot stack top                       0x0000_9000  PML4, PDPT, 4 PDs (identity 4 GiB)
 //! 0x0002_0000  kernel command line                  0x0009_fc00  EBDA: MP table
 //! 0x000e_0000  ACPI: RSDP, then the tables          0x0010_0000  high memory: kernel, initrd, RAM
-//! 0xd000_0000  32-bit MMIO gap (devices, IOAPIC, LAPIC) up to 4 GiB; RAM continues at 4 GiB
+//! 0xd000_0000  32-bit MMIO gap up to 4 GiB: virtio-mmio windows (1 MiB from 0xd000_0000),
+//!              the 32-bit PCI BAR window (0xe000_0000, 256 MiB), PCI ECAM (0xf000_0000,
+//!              1 MiB: bus 0), IOAPIC (0xfec0_0000), LAPIC (0xfee0_0000)
+//! 0x1_0000_0000  RAM beyond the gap; then, from the next 1 GiB boundary, the 64-bit PCI
+//!              BAR window (64 GiB)
 //! ```
 
 use vm_memory::GuestAddress;
@@ -57,10 +61,31 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
 /// Bytes of the device window given to each MMIO device.
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
+/// The 32-bit PCI BAR window (a host-bridge window in the DSDT's `_CRS`).
+pub const PCI_MMIO32_START: u64 = 0xe000_0000;
+/// Its size.
+pub const PCI_MMIO32_SIZE: u64 = 0x1000_0000;
+/// The ECAM window (the ACPI MCFG table's): configuration space of PCI bus 0.
+pub const PCI_ECAM_START: u64 = 0xf000_0000;
+/// Its size: 4 KiB per function, 256 functions of one bus.
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// Size of the 64-bit PCI BAR window above RAM.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
 /// First IRQ given to MMIO devices (0..4 are PIT, keyboard, cascade, COM2; 4 is COM1).
 pub const MMIO_FIRST_IRQ: u32 = 5;
 /// Last usable IOAPIC pin (KVM's IOAPIC has 24).
 pub const MAX_IRQ: u32 = 23;
+
+/// The 64-bit PCI BAR window for `size` bytes of memory: (start, length), from the first
+/// 1 GiB boundary at or above the end of RAM (and at or above 4 GiB).
+pub fn pci_mmio64_window(size: u64) -> (u64, u64) {
+    let ram_end = match ram_regions(size).last() {
+        Some((start, len)) => start.0 + len,
+        None => 0,
+    };
+    let start = ram_end.max(MMIO_GAP_END).next_multiple_of(1 << 30);
+    (start, PCI_MMIO64_SIZE)
+}
 
 // The boot stack grows down from between the zero page and the page tables.
 const _: () =
@@ -106,6 +131,35 @@ mod tests {
         );
         let total: u64 = regions.iter().map(|r| r.1).sum();
         assert_eq!(total, 4 << 30);
+    }
+
+    #[test]
+    fn pci_windows_sit_in_the_gap_clear_of_each_other_and_of_ram() {
+        let gap = [
+            (
+                MMIO_DEVICES_START,
+                MMIO_DEVICES_START + 256 * MMIO_DEVICE_SIZE,
+            ),
+            (PCI_MMIO32_START, PCI_MMIO32_START + PCI_MMIO32_SIZE),
+            (PCI_ECAM_START, PCI_ECAM_START + PCI_ECAM_SIZE),
+            (IOAPIC_START, IOAPIC_START + 0x1000),
+            (APIC_START, APIC_START + 0x1000),
+            (KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS + 3 * 4096),
+        ];
+        for (i, a) in gap.iter().enumerate() {
+            assert!(a.0 >= MMIO_GAP_START && a.1 <= MMIO_GAP_END, "{a:x?}");
+            for b in &gap[i + 1..] {
+                assert!(a.1 <= b.0 || b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+            }
+        }
+        for size in [256 << 20, MMIO_GAP_START, 4 << 30, (5 << 30) + 4096] {
+            let (start, len) = pci_mmio64_window(size);
+            let ram_end = ram_regions(size).last().map(|r| r.0 .0 + r.1).unwrap();
+            assert!(start >= ram_end && start >= MMIO_GAP_END, "{size:#x}");
+            assert_eq!(start % (1 << 30), 0);
+            assert!(len > 0);
+        }
+        assert_eq!(pci_mmio64_window(256 << 20).0, 1 << 32);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct BootSpec<'a> {
     pub cpus: u8,
     /// Whether the ACPI tables describe the pvpanic device.
     pub pvpanic: bool,
+    /// The PCI host bridge the ACPI tables describe, when the VM has one.
+    pub pci: Option<x86_64::acpi::PciHost>,
 }
 
 /// Where the boot vCPU starts.
@@ -73,6 +75,7 @@ pub fn configure_system(mem: &GuestMemoryMmap, spec: BootSpec) -> Result<BootSta
     let ioapic_id = x86_64::mptable::ioapic_id(spec.cpus);
     let acpi = x86_64::acpi::AcpiOptions {
         pvpanic: spec.pvpanic,
+        pci: spec.pci,
         ..Default::default()
     };
     let rsdp = x86_64::acpi::setup_acpi_with(mem, spec.cpus, ioapic_id, &acpi)?;

@@ -10,6 +10,7 @@
 pub mod bus;
 pub mod disk;
 pub mod legacy;
+pub mod pci;
 pub mod persist;
 pub mod virtio;
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use devices::disk::{HostFile, RawImage};
 use devices::virtio::block::Block;
-use devices::virtio::{VirtioDevice, VirtioInterrupt};
+use devices::virtio::mmio::MmioInterrupt;
+use devices::virtio::VirtioDevice;
 use devices::Interrupt;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
@@ -38,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     q.set_avail_ring_address(Some(0x100), Some(0));
     q.set_used_ring_address(Some(0x200), Some(0));
     q.set_ready(true);
-    let irq = Arc::new(VirtioInterrupt::new(Arc::new(NoIrq)));
+    let irq = Arc::new(MmioInterrupt::new(Arc::new(NoIrq)));
     if dev.activate(mem, vec![q], irq).is_ok() {
         dev.process_queue();
         dev.process_queue();

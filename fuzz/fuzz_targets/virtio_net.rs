@@ -13,11 +13,12 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use devices::virtio::mmio::MmioInterrupt;
 use devices::virtio::net::{
     feature, Net, NetBackend, RxState, TxState, FRAMES_PER_PASS, MAX_FRAME,
 };
 use devices::virtio::queue::{check_layout, QueueConfig};
-use devices::virtio::{features, VirtioDevice, VirtioInterrupt};
+use devices::virtio::{features, VirtioDevice};
 use devices::Interrupt;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
@@ -126,7 +127,7 @@ fuzz_target!(|data: &[u8]| {
         .enumerate()
         .map(|(i, c)| c.build(i, &mem, event_idx).unwrap())
         .collect();
-    let irq = Arc::new(VirtioInterrupt::new(Arc::new(NoIrq)));
+    let irq = Arc::new(MmioInterrupt::new(Arc::new(NoIrq)));
     dev.activate(mem, queues, irq).unwrap();
 
     for pass in 0.. {

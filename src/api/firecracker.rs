@@ -518,6 +518,7 @@ impl PendingVm {
                 readonly: d.is_read_only.unwrap_or(false),
                 serial: None,
                 cache: DiskCache::Writeback,
+                transport: None,
             });
             if d.is_root_device {
                 c.root = Some(match &d.partuuid {
@@ -534,6 +535,7 @@ impl PendingVm {
                 network: None,
                 mac: n.guest_mac,
                 mtu: n.mtu.unwrap_or(1500),
+                transport: None,
             });
         }
         c.normalize(name);

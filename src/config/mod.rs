@@ -56,6 +56,24 @@ pub enum RebootAction {
     Restart,
 }
 
+/// How a virtio device reaches the guest: `transport=mmio|pci` on a device, or the VM's
+/// default (`transport` in a definition or the API).
+///
+/// The default is virtio-mmio: where guest kernel code is emulated (the hosts Ember is
+/// measured on), a PCI host costs the guest kernel its PCI and ACPI root-bridge setup at
+/// every boot, far more than the two exits per interrupt MSI-X saves on I/O (the README's
+/// "Transports" section has the numbers from `benches/pci.sh`). PCI is for guests without
+/// `virtio_mmio.device=` support, and for hotplug.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// virtio-mmio, announced on the kernel command line.
+    #[default]
+    Mmio,
+    /// virtio-pci (modern) on the PCI root bus, with MSI-X.
+    Pci,
+}
+
 /// A disk image format as spelled in options.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,7 +121,8 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
-/// One disk: `--disk path=FILE[,id=vdX][,format=raw|qcow2][,readonly=on][,serial=ID][,cache=..]`.
+/// One disk: `--disk path=FILE[,id=vdX][,format=raw|qcow2][,readonly=on][,serial=ID][,cache=..]
+/// [,transport=mmio|pci]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -125,6 +144,9 @@ pub struct DiskConfig {
     /// Host cache mode.
     #[serde(default, skip_serializing_if = "is_default")]
     pub cache: DiskCache,
+    /// Transport; the VM's default when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
 }
 
 impl DiskConfig {
@@ -157,7 +179,7 @@ impl DiskConfig {
     }
 }
 
-/// One NIC: `--net tap=NAME|fd=N|network=NAME[,id=ethN][,mac=..][,mtu=N]`.
+/// One NIC: `--net tap=NAME|fd=N|network=NAME[,id=ethN][,mac=..][,mtu=N][,transport=mmio|pci]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
@@ -179,6 +201,9 @@ pub struct NetConfig {
     /// MTU the guest is told.
     #[serde(default = "default_mtu", skip_serializing_if = "is_default_mtu")]
     pub mtu: u16,
+    /// Transport; the VM's default when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
 }
 
 fn default_mtu() -> u16 {
@@ -360,6 +385,9 @@ pub struct VmConfig {
     /// NICs, in guest order.
     #[serde(default, rename = "net", skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetConfig>,
+    /// The transport of devices that do not name one.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub transport: Transport,
 }
 
 /// Checks that `path` (given with `option`) is a readable, non-empty regular file.
@@ -400,7 +428,16 @@ impl VmConfig {
             root: None,
             disks: Vec::new(),
             nets: Vec::new(),
+            transport: Transport::default(),
         }
+    }
+
+    /// Whether the VM has a PCI host: PCI is its default transport or a device's.
+    pub fn uses_pci(&self) -> bool {
+        let pci = Some(Transport::Pci);
+        self.transport == Transport::Pci
+            || self.disks.iter().any(|d| d.transport == pci)
+            || self.nets.iter().any(|n| n.transport == pci)
     }
 
     /// Gives every device an id (vda.., eth0..) and every NIC a MAC derived from

@@ -177,3 +177,41 @@ fn a_handwritten_definition_reads_with_defaults() {
     let e = toml::from_str::<VmConfig>("name = \"x\"\nkernel = \"/k\"\nmemroy = 1\n").unwrap_err();
     assert!(e.to_string().contains("memroy"), "{e}");
 }
+
+#[test]
+fn transport_is_per_device_with_a_vm_default() {
+    let d = DiskConfig::parse("path=a.raw,transport=pci").unwrap();
+    assert_eq!(d.transport, Some(Transport::Pci));
+    let n = NetConfig::parse("tap=t0,transport=mmio").unwrap();
+    assert_eq!(n.transport, Some(Transport::Mmio));
+    assert!(DiskConfig::parse("path=a.raw,transport=isa")
+        .unwrap_err()
+        .message
+        .contains("isa"));
+
+    let mut c = VmConfig::new("t", "k".into());
+    assert_eq!(c.transport, Transport::Mmio, "virtio-mmio by default");
+    assert!(!c.uses_pci());
+    c.disks.push(DiskConfig::parse("a.raw").unwrap());
+    assert!(!c.uses_pci());
+    c.nets.push(n);
+    c.disks.push(d);
+    assert!(c.uses_pci(), "one device on PCI");
+    c.disks.pop();
+    c.transport = Transport::Pci;
+    assert!(c.uses_pci(), "PCI by default");
+}
+
+#[test]
+fn the_vm_transport_round_trips_through_definitions_and_is_omitted_when_default() {
+    let mut c = VmConfig::new("t", "k".into());
+    let text = toml::to_string(&c).unwrap();
+    assert!(!text.contains("transport"), "{text}");
+    c.transport = Transport::Pci;
+    c.disks
+        .push(DiskConfig::parse("path=a.raw,transport=mmio").unwrap());
+    let text = toml::to_string(&c).unwrap();
+    assert!(text.contains("transport = \"pci\""), "{text}");
+    let back: VmConfig = toml::from_str(&text).unwrap();
+    assert_eq!(back, c);
+}

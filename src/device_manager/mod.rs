@@ -1,11 +1,14 @@
 //! The device registry of one VM, alive as long as the VM: the one place devices are
-//! attached and detached. Attaching takes resources (MMIO window, IRQ) from an allocator,
-//! registers the irqfd and ioeventfds, puts the device on its bus (buses take devices while
+//! attached and detached. Attaching takes resources (MMIO window and IRQ for virtio-mmio;
+//! slot, BAR space and MSI-X vectors for virtio-pci, see `pci`) from allocators,
+//! registers the irqfds and ioeventfds, puts the device on its bus (buses take devices while
 //! vCPUs run), subscribes its event-loop handler and records it under its id; detaching
 //! undoes each step and gives the resources back.
 
+mod pci;
 mod persist;
 mod resources;
+mod wiring;
 
 use std::sync::{Arc, Mutex};
 
@@ -17,22 +20,23 @@ use devices::legacy::{
 };
 use devices::virtio::block::handler::BlockHandler;
 use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::handler::NetHandler;
 use devices::virtio::net::tap::{self, Tap, TapError};
 use devices::virtio::net::{mac_for, Net};
-use devices::virtio::{VirtioDevice, VirtioInterrupt};
+use devices::virtio::{VirtioDevice, VirtioTransport};
 use devices::GuestMemoryMmap;
 use devices::{ExitSink, Interrupt, IrqLevel};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
-use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub use pci::PciDeviceState;
 pub use resources::{ResourceAllocator, Resources};
+use wiring::{clone_eventfds, queue_eventfds, register_notifies, unregister_notifies};
 
-use crate::config::{DiskConfig, NetBackendConfig, NetConfig};
+use crate::config::{DiskConfig, NetBackendConfig, NetConfig, Transport};
 use crate::console::{Console, ConsoleError, ConsoleInput};
 use crate::run_state::RunState;
 use crate::vcpu::Buses;
@@ -110,6 +114,18 @@ pub enum DeviceError {
     /// No device has this id.
     #[error("no device has id '{0}'")]
     NoSuchDevice(String),
+    /// Every slot of the PCI root bus is taken.
+    #[error("too many devices: no PCI slot left")]
+    NoPciSlot,
+    /// The PCI BAR window is full.
+    #[error("no room left in the PCI BAR window")]
+    NoPciSpace,
+    /// Every GSI for MSI-X vectors is taken.
+    #[error("no GSI left for MSI-X vectors")]
+    NoMsiGsi,
+    /// The virtio-pci function cannot be laid out (a bug in the device model).
+    #[error("cannot build the virtio-pci function")]
+    PciLayout(#[source] devices::virtio::pci::VirtioPciError),
 }
 
 /// A virtio device in the registry.
@@ -149,6 +165,16 @@ enum DeviceSpec {
     Net(NetConfig, String),
 }
 
+impl DeviceSpec {
+    /// Kind, backend and MAC, as `ember dominfo` shows them.
+    fn describe(&self) -> (&'static str, String, Option<String>) {
+        match self {
+            DeviceSpec::Disk(d) => ("virtio-blk", d.path.display().to_string(), None),
+            DeviceSpec::Net(n, tap) => ("virtio-net", tap.clone(), n.mac.map(|m| m.to_string())),
+        }
+    }
+}
+
 /// A device as `ember dominfo` / `GET /ember/info` show it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct DeviceInfo {
@@ -156,9 +182,9 @@ pub struct DeviceInfo {
     pub id: String,
     /// `virtio-blk`, `virtio-net`, `serial`, ...
     pub kind: &'static str,
-    /// `mmio` or `pio`.
+    /// `mmio`, `pci` or `pio`.
     pub transport: &'static str,
-    /// First address (MMIO) or port.
+    /// First address (MMIO window or PCI BAR 0) or port.
     pub address: u64,
     /// IOAPIC pin, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -169,6 +195,9 @@ pub struct DeviceInfo {
     /// MAC of a NIC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// PCI address (segment:bus:slot.function) of a PCI device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci: Option<String>,
 }
 
 /// The PC devices of every VM.
@@ -203,6 +232,10 @@ pub struct DeviceManager {
     allocator: ResourceAllocator,
     entries: Vec<DeviceEntry>,
     legacy: Option<Legacy>,
+    /// The PCI root bus and its devices, when the VM has one.
+    pci: Option<pci::PciDevices>,
+    /// The transport of devices that do not name one.
+    default_transport: Transport,
 }
 
 /// Opens the tap behind a --net: by name (created and brought up if it did not exist), a
@@ -265,7 +298,14 @@ impl DeviceManager {
             allocator: ResourceAllocator::default(),
             entries: Vec::new(),
             legacy: None,
+            pci: None,
+            default_transport: Transport::default(),
         }
+    }
+
+    /// The transport of devices whose configuration names none.
+    pub fn set_default_transport(&mut self, t: Transport) {
+        self.default_transport = t;
     }
 
     /// The buses, shared with the vCPUs.
@@ -369,7 +409,11 @@ impl DeviceManager {
     }
 
     fn check_new_id(&self, id: &str) -> Result<(), DeviceError> {
-        if self.entries.iter().any(|e| e.id == id) {
+        let ids = self.entries.iter().map(|e| &e.id);
+        if ids
+            .chain(self.pci_entries().iter().map(|e| &e.id))
+            .any(|e| e == id)
+        {
             return Err(DeviceError::DuplicateId(id.to_string()));
         }
         Ok(())
@@ -397,23 +441,19 @@ impl DeviceManager {
             cfg.readonly,
             cfg.serial.clone(),
         )));
-        let (resources, w) = self.attach_virtio_mmio(block.clone())?;
-        let handler_evt = w.evts[0].try_clone().map_err(DeviceError::EventFd)?;
-        let subscriber = events.add_subscriber(Arc::new(Mutex::new(BlockHandler::new(
-            block.clone(),
-            handler_evt,
-        ))));
-        self.entries.push(DeviceEntry {
-            id: cfg.id().to_string(),
-            handle: VirtioHandle::Block(block),
-            transport: w.transport,
-            resources,
-            irqfd: w.irqfd,
-            queue_evts: w.evts,
-            subscriber,
-            spec: DeviceSpec::Disk(cfg.clone()),
-        });
-        Ok(())
+        let b = block.clone();
+        let make_handler = move |evts: &[EventFd]| -> Result<Subscriber, DeviceError> {
+            let evt = evts[0].try_clone().map_err(DeviceError::EventFd)?;
+            Ok(Arc::new(Mutex::new(BlockHandler::new(b, evt))))
+        };
+        self.attach_virtio(
+            events,
+            cfg.id(),
+            cfg.transport,
+            (block.clone(), VirtioHandle::Block(block)),
+            DeviceSpec::Disk(cfg.clone()),
+            make_handler,
+        )
     }
 
     /// A virtio-net device for `cfg` (whose id and MAC are set).
@@ -429,20 +469,48 @@ impl DeviceManager {
         log::debug!("NIC {}: tap {} mac {mac:02x?}", cfg.id(), tap.name());
         let tap_name = tap.name().to_string();
         let net = Arc::new(Mutex::new(Net::new(tap, mac, cfg.mtu)));
-        let (resources, w) = self.attach_virtio_mmio(net.clone())?;
-        let rx = w.evts[0].try_clone().map_err(DeviceError::EventFd)?;
-        let tx = w.evts[1].try_clone().map_err(DeviceError::EventFd)?;
-        let handler = NetHandler::new(net.clone(), rx, tx).map_err(DeviceError::EventFd)?;
-        let subscriber = events.add_subscriber(Arc::new(Mutex::new(handler)));
+        let n = net.clone();
+        let make_handler = move |evts: &[EventFd]| -> Result<Subscriber, DeviceError> {
+            let rx = evts[0].try_clone().map_err(DeviceError::EventFd)?;
+            let tx = evts[1].try_clone().map_err(DeviceError::EventFd)?;
+            let handler = NetHandler::new(n, rx, tx).map_err(DeviceError::EventFd)?;
+            Ok(Arc::new(Mutex::new(handler)))
+        };
+        self.attach_virtio(
+            events,
+            cfg.id(),
+            cfg.transport,
+            (net.clone(), VirtioHandle::Net(net)),
+            DeviceSpec::Net(cfg.clone(), tap_name),
+            make_handler,
+        )
+    }
+
+    /// Attaches a virtio device on its transport (`transport`, or the VM's default) and
+    /// subscribes the handler `make_handler` builds from the queue eventfds.
+    fn attach_virtio(
+        &mut self,
+        events: &mut EventLoop,
+        id: &str,
+        transport: Option<Transport>,
+        (device, handle): (Arc<Mutex<dyn VirtioDevice>>, VirtioHandle),
+        spec: DeviceSpec,
+        make_handler: impl FnOnce(&[EventFd]) -> Result<Subscriber, DeviceError>,
+    ) -> Result<(), DeviceError> {
+        if transport.unwrap_or(self.default_transport) == Transport::Pci {
+            return self.attach_virtio_pci(events, id, device, handle, spec, make_handler);
+        }
+        let (resources, w) = self.attach_virtio_mmio(device)?;
+        let subscriber = events.add_subscriber(make_handler(&w.evts)?);
         self.entries.push(DeviceEntry {
-            id: cfg.id().to_string(),
-            handle: VirtioHandle::Net(net),
+            id: id.to_string(),
+            handle,
             transport: w.transport,
             resources,
             irqfd: w.irqfd,
             queue_evts: w.evts,
             subscriber,
-            spec: DeviceSpec::Net(cfg.clone(), tap_name),
+            spec,
         });
         Ok(())
     }
@@ -483,34 +551,23 @@ impl DeviceManager {
     ) -> Result<Wired, DeviceError> {
         let line = irqfd(&self.vm, irq)?;
         let ours = line.try_clone().map_err(DeviceError::EventFd)?;
-        let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(line)));
         let queues = devices::bus::lock_device(&device, |d| d.queue_max_sizes().len());
-        let addr = base + QUEUE_NOTIFY;
-        let mut evts = Vec::with_capacity(queues);
-        for q in 0..queues {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-            if let Err(source) =
-                self.vm
-                    .register_ioevent(&evt, &IoEventAddress::Mmio(addr), q as u32)
-            {
-                self.unwire(&ours, irq, &evts, addr);
-                return Err(DeviceError::Ioeventfd { addr, source });
-            }
-            evts.push(evt);
-        }
-        let transport_evts = evts
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(DeviceError::EventFd)?;
+        let evts = queue_eventfds(queues)?;
+        let transport_evts = clone_eventfds(&evts)?;
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             device,
-            interrupt,
+            Arc::new(line),
             self.mem.clone(),
             transport_evts,
         )));
+        let notifies = devices::bus::lock_device(&transport, |t| t.queue_notifies());
+        if let Err(e) = register_notifies(self.vm.as_ref(), base, &notifies, &evts) {
+            self.unregister_irqfd(&ours, irq);
+            return Err(e);
+        }
         if let Err(e) = self.buses.mmio.insert(transport.clone(), base, len) {
-            self.unwire(&ours, irq, &evts, addr);
+            unregister_notifies(self.vm.as_ref(), base, &notifies, &evts);
+            self.unregister_irqfd(&ours, irq);
             return Err(e.into());
         }
         Ok(Wired {
@@ -520,16 +577,8 @@ impl DeviceManager {
         })
     }
 
-    /// Unregisters a device's irqfd and ioeventfds.
-    fn unwire(&self, irqfd: &EventFd, irq: u32, evts: &[EventFd], notify: u64) {
-        for (q, evt) in evts.iter().enumerate() {
-            if let Err(e) = self
-                .vm
-                .unregister_ioevent(evt, &IoEventAddress::Mmio(notify), q as u32)
-            {
-                log::warn!("cannot unregister the ioeventfd at {notify:#x}: {e}");
-            }
-        }
+    /// Unregisters a device's irqfd.
+    fn unregister_irqfd(&self, irqfd: &EventFd, irq: u32) {
         if let Err(e) = self.vm.unregister_irqfd(irqfd, irq) {
             log::warn!("cannot unregister the irqfd of IRQ {irq}: {e}");
         }
@@ -537,16 +586,18 @@ impl DeviceManager {
 
     /// Takes device `id` off its bus and the event loop and frees its resources.
     pub fn detach(&mut self, events: &mut EventLoop, id: &str) -> Result<(), DeviceError> {
-        let pos = self
-            .entries
-            .iter()
-            .position(|e| e.id == id)
-            .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
+        let Some(pos) = self.entries.iter().position(|e| e.id == id) else {
+            return match self.detach_pci(events, id) {
+                true => Ok(()),
+                false => Err(DeviceError::NoSuchDevice(id.to_string())),
+            };
+        };
         let entry = self.entries.remove(pos);
         if let Some((base, _)) = entry.resources.mmio {
             self.buses.mmio.remove(base);
-            let irq = entry.resources.irq.unwrap_or_default();
-            self.unwire(&entry.irqfd, irq, &entry.queue_evts, base + QUEUE_NOTIFY);
+            let notifies = devices::bus::lock_device(&entry.transport, |t| t.queue_notifies());
+            unregister_notifies(self.vm.as_ref(), base, &notifies, &entry.queue_evts);
+            self.unregister_irqfd(&entry.irqfd, entry.resources.irq.unwrap_or_default());
         }
         if let Err(e) = events.remove_subscriber(entry.subscriber) {
             log::warn!("device {id}: cannot leave the event loop: {e:?}");
@@ -558,10 +609,12 @@ impl DeviceManager {
     /// Signals every queue of every device, so work the guest posted while the devices
     /// were not looking is picked up (after a resume or a restore).
     pub fn kick_queues(&self) {
-        for e in &self.entries {
-            for evt in &e.queue_evts {
+        let mmio = self.entries.iter().map(|e| (&e.id, &e.queue_evts));
+        let pci = self.pci_entries().iter().map(|e| (&e.id, &e.queue_evts));
+        for (id, evts) in mmio.chain(pci) {
+            for evt in evts {
                 if let Err(err) = evt.write(1) {
-                    log::warn!("device {}: cannot kick a queue: {err}", e.id);
+                    log::warn!("device {id}: cannot kick a queue: {err}");
                 }
             }
         }
@@ -594,6 +647,7 @@ impl DeviceManager {
                 irq,
                 backend: None,
                 mac: None,
+                pci: None,
             };
             if l.serial.is_some() {
                 out.push(pio(
@@ -629,12 +683,7 @@ impl DeviceManager {
             }
         }
         for e in &self.entries {
-            let (kind, backend, mac) = match &e.spec {
-                DeviceSpec::Disk(d) => ("virtio-blk", d.path.display().to_string(), None),
-                DeviceSpec::Net(n, tap) => {
-                    ("virtio-net", tap.clone(), n.mac.map(|m| m.to_string()))
-                }
-            };
+            let (kind, backend, mac) = e.spec.describe();
             out.push(DeviceInfo {
                 id: e.id.clone(),
                 kind,
@@ -643,28 +692,35 @@ impl DeviceManager {
                 irq: e.resources.irq,
                 backend: Some(backend),
                 mac,
+                pci: None,
             });
         }
+        out.extend(self.pci_info());
         out
     }
 
     /// The virtio devices with their ids, in attach order.
     pub fn virtio_devices(&self) -> impl Iterator<Item = (&str, &VirtioHandle)> {
-        self.entries.iter().map(|e| (e.id.as_str(), &e.handle))
+        let mmio = self.entries.iter().map(|e| (e.id.as_str(), &e.handle));
+        mmio.chain(
+            self.pci_entries()
+                .iter()
+                .map(|e| (e.id.as_str(), &e.handle)),
+        )
     }
 
     /// Per-device I/O counters: (disks, NICs).
     pub fn counters(&self) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
         let (mut disks, mut nets) = (Vec::new(), Vec::new());
-        for e in &self.entries {
-            match &e.handle {
+        for (id, handle) in self.virtio_devices() {
+            match handle {
                 VirtioHandle::Block(b) => {
                     let s = devices::bus::lock_device(b, |b| b.stats());
-                    disks.push(serde_json::json!({ "id": e.id, "stats": s }));
+                    disks.push(serde_json::json!({ "id": id, "stats": s }));
                 }
                 VirtioHandle::Net(n) => {
                     let s = devices::bus::lock_device(n, |n| n.stats());
-                    nets.push(serde_json::json!({ "id": e.id, "stats": s }));
+                    nets.push(serde_json::json!({ "id": id, "stats": s }));
                 }
             }
         }

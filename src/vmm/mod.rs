@@ -229,6 +229,7 @@ impl Vmm {
         let mut devices = DeviceManager::new(vm.clone(), mem.clone());
         devices.attach_legacy(run_state.clone(), cfg.debug_exit, cfg.pvpanic)?;
         devices.attach_serial(&mut events, &session.console, run_state.clone())?;
+        Self::choose_transports(&mut devices, cfg)?;
         for disk in &cfg.disks {
             devices.attach_block(&mut events, disk)?;
         }
@@ -253,6 +254,16 @@ impl Vmm {
             mem,
             plan,
         })
+    }
+
+    /// The transport of devices that name none, and the PCI host (root bus, config
+    /// ports, ECAM) when PCI is that default or some device's transport.
+    fn choose_transports(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmmError> {
+        devices.set_default_transport(cfg.transport);
+        if cfg.uses_pci() {
+            devices.attach_pci_host()?;
+        }
+        Ok(())
     }
 
     fn create_vcpus(
@@ -319,6 +330,7 @@ impl Vmm {
                 cmdline: &cmdline,
                 cpus: self.config.cpus.boot,
                 pvpanic: self.config.pvpanic,
+                pci: self.devices.pci_host(),
             },
         )?;
         self.vcpus[0].set_boot_entry(&boot_state)?;

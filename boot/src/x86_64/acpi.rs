@@ -1,4 +1,4 @@
-//! ACPI tables: RSDP, XSDT, FADT (+FACS, DSDT) and MADT.
+//! ACPI tables: RSDP, XSDT, FADT (+FACS, DSDT), MADT and, with a PCI host, MCFG.
 //!
 //! A full (not hardware-reduced) FADT with a PM1a event/control block on I/O ports, so a guest
 //! keeps its legacy ISA interrupts, can power off by writing SLP_TYP/SLP_EN and gets a fixed
@@ -6,12 +6,17 @@
 //! for ACPI reboot. The DSDT, built with [`super::aml`], holds the `\_S5` sleep package and
 //! the ISA devices Linux should find through ACPI rather than by probing: the PS/2 keyboard
 //! controller (PNP0303), QEMU's pvpanic port (QEMU0001) and, when asked, COM1 (PNP0501).
+//!
+//! A VM with a PCI host also gets the PCI root bridge (`PCI0`, PNP0A08) with its `_CRS`:
+//! bus 0, the configuration ports 0xcf8-0xcff and the 32- and 64-bit BAR windows; the MCFG
+//! table pointing at the ECAM window; and a motherboard resource (PNP0C02) reserving that
+//! window, without which Linux refuses to use it.
 
 use crate::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::aml::{self, AmlError, Expr, Resource, Term};
-use crate::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
+use super::aml::{self, AddressRange, AmlError, Cacheable, Expr, Resource, Term, Usage};
+use crate::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START, PCI_ECAM_SIZE};
 
 /// I/O ports the ACPI PM device answers on (the VMM emulates them).
 pub mod ports {
@@ -43,6 +48,17 @@ const I8042_KBD_IRQ: u8 = 1;
 const COM1_PORT: u16 = 0x3f8;
 const COM1_IRQ: u8 = 4;
 
+/// A PCI host bridge: one root bus (segment 0, bus 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciHost {
+    /// Base of the ECAM window (bus 0: [`PCI_ECAM_SIZE`] bytes), below 4 GiB.
+    pub ecam: u64,
+    /// The 32-bit BAR window: start and length, below 4 GiB.
+    pub mmio32: (u64, u64),
+    /// The 64-bit BAR window: start and length.
+    pub mmio64: (u64, u64),
+}
+
 /// What the DSDT describes besides the sleep states and the keyboard controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AcpiOptions {
@@ -51,6 +67,8 @@ pub struct AcpiOptions {
     /// COM1 (`PNP0501`) at 0x3f8, IRQ 4. Off by default: Linux finds COM1 by probing its
     /// legacy ports anyway, and the PNP driver would probe the console's UART once more.
     pub com1: bool,
+    /// The PCI host bridge, when the VM has one (then also the MCFG table).
+    pub pci: Option<PciHost>,
 }
 
 impl Default for AcpiOptions {
@@ -58,6 +76,7 @@ impl Default for AcpiOptions {
         AcpiOptions {
             pvpanic: true,
             com1: false,
+            pci: None,
         }
     }
 }
@@ -71,6 +90,15 @@ pub enum AcpiError {
     /// The DSDT's AML cannot be encoded (a bug in what the DSDT asks for).
     #[error("cannot encode the DSDT")]
     Aml(#[source] AmlError),
+    /// A PCI window that the tables cannot describe (empty, wrapping, or a 32-bit one
+    /// above 4 GiB).
+    #[error("PCI window {start:#x}+{len:#x} cannot be described")]
+    PciWindow {
+        /// Its start.
+        start: u64,
+        /// Its length.
+        len: u64,
+    },
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -132,7 +160,88 @@ fn isa_device(hid: Expr, uid: Option<u64>, resources: Vec<Resource>) -> Vec<Term
     terms
 }
 
-fn dsdt_terms(opts: &AcpiOptions) -> Vec<Term> {
+/// The last address of a window, checked to fit `T`.
+fn window<T: TryFrom<u64>>((start, len): (u64, u64)) -> Result<(T, T), AcpiError> {
+    let bad = AcpiError::PciWindow { start, len };
+    let last = start
+        .checked_add(len)
+        .filter(|_| len > 0)
+        .map(|end| end - 1);
+    match last.map(|l| (T::try_from(start), T::try_from(l))) {
+        Some((Ok(a), Ok(b))) => Ok((a, b)),
+        _ => Err(bad),
+    }
+}
+
+/// A window a bridge decodes for its children, untranslated.
+fn producer<T: Default>(min: T, max: T) -> AddressRange<T> {
+    AddressRange {
+        usage: Usage::Producer,
+        min,
+        max,
+        translation: T::default(),
+    }
+}
+
+/// The PCI root bridge and the motherboard resource reserving its ECAM window.
+fn pci_devices(p: &PciHost) -> Result<Vec<Term>, AcpiError> {
+    let (min32, max32) = window::<u32>(p.mmio32)?;
+    let (min64, max64) = window::<u64>(p.mmio64)?;
+    let (ecam, _) = window::<u32>((p.ecam, PCI_ECAM_SIZE))?;
+    let crs = vec![
+        Resource::WordBusNumber(producer(0u16, 0u16)),
+        Resource::Io {
+            min: 0xcf8,
+            max: 0xcf8,
+            align: 1,
+            len: 8,
+        },
+        Resource::DWordMemory {
+            range: producer(min32, max32),
+            cacheable: Cacheable::NonCacheable,
+            writeable: true,
+        },
+        Resource::QWordMemory {
+            range: producer(min64, max64),
+            cacheable: Cacheable::NonCacheable,
+            writeable: true,
+        },
+    ];
+    let root = vec![
+        Term::name("_HID", Expr::eisa_id("PNP0A08")),
+        Term::name("_CID", Expr::eisa_id("PNP0A03")),
+        Term::name("_SEG", Expr::Int(0)),
+        Term::name("_UID", Expr::Int(0)),
+        Term::name("_BBN", Expr::Int(0)),
+        Term::name("_CRS", Expr::ResourceTemplate(crs)),
+    ];
+    let reserved = isa_device(
+        Expr::eisa_id("PNP0C02"),
+        Some(0),
+        vec![Resource::Memory32Fixed {
+            writeable: true,
+            base: ecam,
+            len: PCI_ECAM_SIZE as u32,
+        }],
+    );
+    Ok(vec![
+        Term::device("PCI0", root),
+        Term::device("PRES", reserved),
+    ])
+}
+
+/// MCFG: one ECAM allocation, segment 0, bus 0.
+fn mcfg(p: &PciHost) -> Vec<u8> {
+    let mut b = vec![0u8; 8]; // reserved
+    b.extend_from_slice(&p.ecam.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes()); // segment
+    b.push(0); // first bus
+    b.push((PCI_ECAM_SIZE >> 20) as u8 - 1); // last bus
+    b.extend_from_slice(&[0; 4]);
+    Sdt::new(b"MCFG", 1).bytes(&b).finish()
+}
+
+fn dsdt_terms(opts: &AcpiOptions) -> Result<Vec<Term>, AcpiError> {
     let s5 = u64::from(SLP_TYP_S5);
     let mut devices = vec![Term::device(
         "PS2K",
@@ -167,17 +276,20 @@ fn dsdt_terms(opts: &AcpiOptions) -> Vec<Term> {
         );
         devices.push(Term::device("COM1", terms));
     }
-    vec![
+    if let Some(p) = &opts.pci {
+        devices.extend(pci_devices(p)?);
+    }
+    Ok(vec![
         Term::name(
             "_S5",
             Expr::Package(vec![s5.into(), s5.into(), 0.into(), 0.into()]),
         ),
         Term::scope("\\_SB", devices),
-    ]
+    ])
 }
 
 fn dsdt(opts: &AcpiOptions) -> Result<Vec<u8>, AcpiError> {
-    let body = aml::to_aml(&dsdt_terms(opts)).map_err(AcpiError::Aml)?;
+    let body = aml::to_aml(&dsdt_terms(opts)?).map_err(AcpiError::Aml)?;
     Ok(Sdt::new(b"DSDT", 2).bytes(&body).finish())
 }
 
@@ -286,22 +398,31 @@ pub fn setup_acpi_with(
     let fadt = fadt(facs_addr, dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64, 8);
     let madt = madt(cpus, ioapic_id);
-    let xsdt_addr = align(madt_addr + madt.len() as u64, 8);
-    let xsdt = Sdt::new(b"XSDT", 1)
-        .bytes(&fadt_addr.to_le_bytes())
-        .bytes(&madt_addr.to_le_bytes())
+    let mut tables = vec![(fadt_addr, fadt), (madt_addr, madt)];
+    let mut next = align(madt_addr + tables[1].1.len() as u64, 8);
+    if let Some(p) = &opts.pci {
+        let t = mcfg(p);
+        let len = t.len() as u64;
+        tables.push((next, t));
+        next = align(next + len, 8);
+    }
+    let xsdt_addr = next;
+    let xsdt = tables
+        .iter()
+        .fold(Sdt::new(b"XSDT", 1), |x, (addr, _)| {
+            x.bytes(&addr.to_le_bytes())
+        })
         .finish();
     if xsdt_addr + xsdt.len() as u64 > ACPI_END {
         return Err(AcpiError::Write);
     }
-    for (addr, table) in [
+    tables.extend([
         (rsdp_addr, rsdp(xsdt_addr)),
         (facs_addr, facs()),
         (dsdt_addr, dsdt),
-        (fadt_addr, fadt),
-        (madt_addr, madt),
         (xsdt_addr, xsdt),
-    ] {
+    ]);
+    for (addr, table) in tables {
         mem.write_slice(&table, GuestAddress(addr))
             .map_err(|_| AcpiError::Write)?;
     }
@@ -423,6 +544,7 @@ mod tests {
         let names = dsdt_names(&AcpiOptions {
             pvpanic: false,
             com1: true,
+            pci: None,
         });
         assert!(!names.iter().any(|n| n.contains("PEVT")));
         assert!(names.contains(&"\\_SB_.COM1._UID".to_string()));
@@ -465,13 +587,18 @@ mod tests {
     /// Each table of a 4-CPU machine, by signature.
     fn all_tables() -> Vec<([u8; 4], Vec<u8>)> {
         let m = mem();
-        let rsdp = read(&m, setup_acpi(&m, 4, 4).unwrap(), 36);
+        let opts = AcpiOptions {
+            pci: Some(PCI),
+            ..Default::default()
+        };
+        let rsdp = read(&m, setup_acpi_with(&m, 4, 4, &opts).unwrap(), 36);
         let xsdt = table(&m, u64_at(&rsdp, 24));
         let fadt = table(&m, u64_at(&xsdt, 36));
         let madt = table(&m, u64_at(&xsdt, 44));
+        let mcfg = table(&m, u64_at(&xsdt, 52));
         let dsdt = table(&m, u64_at(&fadt, 140));
         let facs = read(&m, u64_at(&fadt, 132), 64);
-        [rsdp, xsdt, fadt, madt, dsdt, facs]
+        [rsdp, xsdt, fadt, madt, mcfg, dsdt, facs]
             .into_iter()
             .map(|t| (t[0..4].try_into().unwrap(), t))
             .collect()
@@ -497,6 +624,92 @@ mod tests {
         }
         // The disassembled DSDT compiles back.
         crate::x86_64::aml::tests::iasl(dir.path(), &["-p", "again", "DSDT.dsl"]);
+    }
+
+    const PCI: PciHost = PciHost {
+        ecam: 0xf000_0000,
+        mmio32: (0xe000_0000, 0x1000_0000),
+        mmio64: (1 << 32, 64 << 30),
+    };
+
+    #[test]
+    fn a_pci_host_adds_the_root_bridge_its_ecam_reservation_and_mcfg() {
+        let m = mem();
+        let opts = AcpiOptions {
+            pci: Some(PCI),
+            ..Default::default()
+        };
+        let rsdp = read(&m, setup_acpi_with(&m, 1, 1, &opts).unwrap(), 36);
+        let xsdt = table(&m, u64_at(&rsdp, 24));
+        assert_eq!(xsdt.len(), 36 + 3 * 8, "FADT, MADT, MCFG");
+        let mcfg = table(&m, u64_at(&xsdt, 52));
+        assert_eq!(&mcfg[0..4], b"MCFG");
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(&mcfg, 44), 0xf000_0000);
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0-0");
+
+        let names = dsdt_names(&opts);
+        for n in [
+            "PCI0._HID",
+            "PCI0._CID",
+            "PCI0._SEG",
+            "PCI0._CRS",
+            "PRES._CRS",
+        ] {
+            assert!(names.contains(&format!("\\_SB_.{n}")), "{n}: {names:?}");
+        }
+    }
+
+    #[test]
+    fn pci_root_resources_are_bus_0_the_config_ports_and_both_windows() {
+        let t = dsdt(&AcpiOptions {
+            pci: Some(PCI),
+            ..Default::default()
+        })
+        .unwrap();
+        let has = |b: &[u8]| t.windows(b.len()).any(|w| w == b);
+        assert!(
+            has(&[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]),
+            "IO 0xcf8"
+        );
+        let mut dword = 0xe000_0000u32.to_le_bytes().to_vec();
+        dword.extend_from_slice(&0xefff_ffffu32.to_le_bytes());
+        assert!(has(&dword), "32-bit window");
+        let mut qword = (1u64 << 32).to_le_bytes().to_vec();
+        qword.extend_from_slice(&((1u64 << 32) + (64 << 30) - 1).to_le_bytes());
+        assert!(has(&qword), "64-bit window");
+        // The ECAM reservation: Memory32Fixed (RW, 0xf0000000, 1 MiB).
+        assert!(has(&[0x86, 0x09, 0x00, 0x01, 0, 0, 0, 0xf0, 0, 0, 0x10, 0]));
+    }
+
+    #[test]
+    fn pci_windows_the_tables_cannot_describe_are_refused() {
+        let bad = |p: PciHost| {
+            let opts = AcpiOptions {
+                pci: Some(p),
+                ..Default::default()
+            };
+            matches!(
+                setup_acpi_with(&mem(), 1, 1, &opts),
+                Err(AcpiError::PciWindow { .. })
+            )
+        };
+        assert!(bad(PciHost {
+            mmio32: (1 << 32, 0x1000),
+            ..PCI
+        }));
+        assert!(bad(PciHost {
+            mmio64: (u64::MAX, 2),
+            ..PCI
+        }));
+        assert!(bad(PciHost {
+            ecam: 1 << 40,
+            ..PCI
+        }));
+        assert!(bad(PciHost {
+            mmio32: (0xe000_0000, 0),
+            ..PCI
+        }));
     }
 
     #[test]

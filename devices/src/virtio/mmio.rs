@@ -2,22 +2,24 @@
 //!
 //! Register accesses run on the vCPU that made them; queue processing does not: QueueNotify
 //! normally never reaches this code (KVM signals the device's ioeventfd directly), and when
-//! it does, the write only signals that same eventfd.
+//! it does, the write only signals that same eventfd. What the registers mean is
+//! [`VirtioCommon`]'s; this file lays them out and raises the one interrupt line.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use crate::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{check_layout, QueueConfig, QueuePosition, QueueSetupError};
+use super::queue::{QueueConfig, QueuePosition};
+use super::transport::{CommonState, VirtioCommon};
 use super::{
-    error_chain, features, status, ActivateError, RateLimitedLog, VirtioDevice, VirtioInterrupt,
+    InterruptStatus, QueueNotify, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    VirtioTransport, INT_CONFIG, INT_USED_RING,
 };
-use serde::{Deserialize, Serialize};
-
 use crate::bus::BusDevice;
 use crate::persist::{Persist, StateError};
+use crate::Interrupt;
 
 /// "virt"
 const MAGIC: u32 = 0x7472_6976;
@@ -30,197 +32,149 @@ pub const QUEUE_NOTIFY: u64 = 0x50;
 /// Offset of the device configuration space.
 const CONFIG_SPACE: u64 = 0x100;
 
+/// The virtio-mmio interrupt: InterruptStatus bits and one edge-triggered line.
+pub struct MmioInterrupt {
+    status: InterruptStatus,
+    line: Arc<dyn Interrupt>,
+}
+
+impl MmioInterrupt {
+    /// An interrupt raised on `line`.
+    pub fn new(line: Arc<dyn Interrupt>) -> Self {
+        MmioInterrupt {
+            status: InterruptStatus::new(),
+            line,
+        }
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.set(bit);
+        if let Err(e) = self.line.trigger() {
+            log::warn!("virtio-mmio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    /// Current InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.get()
+    }
+
+    /// Driver reset: no interrupt pending, no reset needed.
+    pub fn reset(&self) {
+        self.status.reset();
+    }
+
+    /// Raises the line again if an interrupt is pending (after a restore: the edge fired
+    /// before the snapshot is gone).
+    fn retrigger(&self) {
+        if self.status() != 0 {
+            if let Err(e) = self.line.trigger() {
+                log::warn!("virtio-mmio: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+}
+
+impl VirtioInterrupt for MmioInterrupt {
+    fn trigger(&self, kind: VirtioInterruptType) {
+        self.raise(match kind {
+            VirtioInterruptType::Config => INT_CONFIG,
+            VirtioInterruptType::Queue(_) => INT_USED_RING,
+        });
+    }
+
+    fn signal_needs_reset(&self) {
+        if self.status.mark_needs_reset() {
+            self.raise(INT_CONFIG);
+        }
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.status.needs_reset()
+    }
+}
+
 /// The transport of one device.
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    interrupt: Arc<VirtioInterrupt>,
-    mem: GuestMemoryMmap,
-    queues: Vec<QueueConfig>,
-    queue_evts: Vec<EventFd>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    /// Status as the driver wrote it; DEVICE_NEEDS_RESET comes from `interrupt`.
-    status: u32,
-    config_generation: u32,
-    log: RateLimitedLog,
+    common: VirtioCommon,
+    interrupt: Arc<MmioInterrupt>,
+    /// The same interrupt, as devices take it.
+    device_interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 impl MmioTransport {
-    /// A transport for `device`, signalling `queue_evts[i]` when queue i is notified.
+    /// A transport for `device`, raising `line` and signalling `queue_evts[i]` when queue i
+    /// is notified.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
-        interrupt: Arc<VirtioInterrupt>,
+        line: Arc<dyn Interrupt>,
         mem: GuestMemoryMmap,
         queue_evts: Vec<EventFd>,
     ) -> Self {
-        let queues = lock(&device)
-            .queue_max_sizes()
-            .iter()
-            .map(|max| QueueConfig::new(*max))
-            .collect();
+        let interrupt = Arc::new(MmioInterrupt::new(line));
         MmioTransport {
-            device,
+            common: VirtioCommon::new("virtio-mmio", device, mem, queue_evts),
+            device_interrupt: interrupt.clone(),
             interrupt,
-            mem,
-            queues,
-            queue_evts,
-            queue_select: 0,
-            device_features_select: 0,
-            driver_features_select: 0,
-            driver_features: 0,
-            status: 0,
-            config_generation: 0,
-            log: RateLimitedLog::new(),
         }
     }
 
-    fn queue(&mut self) -> Option<&mut QueueConfig> {
-        self.queues.get_mut(self.queue_select as usize)
+    /// The interrupt the device raises (for tests and the device manager).
+    pub fn interrupt(&self) -> Arc<dyn VirtioInterrupt> {
+        self.device_interrupt.clone()
     }
 
-    /// Queue registers may only change before the driver is done.
-    fn queue_config_allowed(&self) -> bool {
-        self.status & status::DRIVER_OK == 0 && self.status & status::FEATURES_OK != 0
-    }
-
-    /// Driver reset. Only state changes here (this is a vCPU thread); then every queue's
-    /// eventfd is signalled so the device's event-loop side can finish what the reset left
-    /// owed (virtio-blk flushes there).
+    /// Driver reset: the device and registers, then the interrupt state; then every
+    /// queue's eventfd is signalled for the device's event-loop side.
     fn reset(&mut self) {
-        lock(&self.device).reset();
-        for q in &mut self.queues {
-            *q = QueueConfig::new(q.max_size);
-        }
-        self.status = 0;
-        self.driver_features = 0;
-        self.queue_select = 0;
+        self.common.reset();
         self.interrupt.reset();
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = evt.write(1) {
-                self.log.warn(format_args!(
-                    "virtio-mmio: cannot wake queue {i} after a reset: {e}"
-                ));
-            }
-        }
-    }
-
-    fn set_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        // DEVICE_NEEDS_RESET is the device's to set, not the driver's.
-        let value = value & !status::DEVICE_NEEDS_RESET;
-        let newly = value & !self.status;
-        if newly & status::FEATURES_OK != 0 {
-            let offered = lock(&self.device).features();
-            let ok = self.driver_features & !offered == 0
-                && self.driver_features & features::VERSION_1 != 0;
-            if !ok {
-                // Leaving FEATURES_OK clear tells the driver the features were refused.
-                self.status = value & !status::FEATURES_OK;
-                return;
-            }
-            lock(&self.device).ack_features(self.driver_features);
-        }
-        self.status = value;
-        if newly & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 {
-            self.activate();
-        }
-    }
-
-    /// The driver's queues, checked; the device is started only if all are usable.
-    fn activate(&mut self) {
-        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, c)| c.build(i, &self.mem, event_idx))
-            .collect::<Result<Vec<Queue>, QueueSetupError>>()
-            .and_then(|q| check_layout(&self.queues).map(|()| q))
-            .map_err(ActivateError::BadQueue);
-        let result = queues
-            .and_then(|q| lock(&self.device).activate(self.mem.clone(), q, self.interrupt.clone()));
-        if let Err(e) = result {
-            self.log.warn(format_args!(
-                "virtio-mmio: device not started at DRIVER_OK, it needs a reset: {}",
-                error_chain(&e)
-            ));
-            self.interrupt.signal_needs_reset();
-        }
-    }
-
-    fn status_register(&self) -> u32 {
-        if self.interrupt.needs_reset() {
-            self.status | status::DEVICE_NEEDS_RESET
-        } else {
-            self.status
-        }
+        self.common.wake_queues();
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
+        let c = &self.common;
         match offset {
             0x00 => MAGIC,
             0x04 => VERSION,
-            0x08 => lock(&self.device).device_type(),
+            0x08 => c.device().device_type(),
             0x0c => VENDOR_ID,
-            0x10 => {
-                let f = lock(&self.device).features();
-                match self.device_features_select {
-                    0 => f as u32,
-                    1 => (f >> 32) as u32,
-                    _ => 0,
-                }
-            }
-            0x34 => self.queue().map_or(0, |q| u32::from(q.max_size)),
-            0x44 => self.queue().map_or(0, |q| u32::from(q.ready)),
+            0x10 => c.device_features_word(),
+            0x34 => c.selected().map_or(0, |q| u32::from(q.max_size)),
+            0x44 => c.selected().map_or(0, |q| u32::from(q.ready)),
             0x60 => self.interrupt.status(),
-            0x70 => self.status_register(),
-            0xfc => self.config_generation,
+            0x70 => c.status_register(self.interrupt.as_ref()),
+            0xfc => c.config_generation(),
             _ => 0,
         }
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
-        let allowed = self.queue_config_allowed();
+        let c = &mut self.common;
         match offset {
-            0x14 => self.device_features_select = value,
-            0x20 => match self.driver_features_select {
-                0 => QueueConfig::set_half(&mut self.driver_features, value, false),
-                1 => QueueConfig::set_half(&mut self.driver_features, value, true),
-                _ => {}
-            },
-            0x24 => self.driver_features_select = value,
-            0x30 => self.queue_select = value,
-            0x38 if allowed => {
-                if let Some(q) = self.queue() {
+            0x14 => c.device_features_select = value,
+            0x20 => c.set_driver_features_word(value),
+            0x24 => c.driver_features_select = value,
+            0x30 => c.queue_select = value,
+            0x38 => {
+                if let Some(q) = c.selected_for_write() {
                     q.size = value;
                 }
             }
-            0x44 if allowed => {
-                if let Some(q) = self.queue() {
+            0x44 => {
+                if let Some(q) = c.selected_for_write() {
                     q.ready = value == 1;
                 }
             }
-            QUEUE_NOTIFY => {
-                // Reached only without an ioeventfd match: signal the same eventfd.
-                if let Some(evt) = self.queue_evts.get(value as usize) {
-                    if let Err(e) = evt.write(1) {
-                        self.log.warn(format_args!(
-                            "virtio-mmio: cannot signal queue {value}: {e}"
-                        ));
-                    }
-                }
-            }
-            0x64 => self.interrupt.ack(value),
-            0x70 => self.set_status(value),
+            // Reached only without an ioeventfd match: signal the same eventfd.
+            QUEUE_NOTIFY => c.notify(value),
+            0x64 => self.interrupt.status.ack(value),
+            0x70 if value == 0 => self.reset(),
+            0x70 => c.set_status(value, &self.device_interrupt),
             // Addresses are kept as written and checked at DRIVER_OK.
-            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if allowed => {
+            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
                 let high = offset & 4 != 0;
-                if let Some(q) = self.queue() {
+                if let Some(q) = c.selected_for_write() {
                     let reg = match offset & !4 {
                         0x80 => &mut q.desc_table,
                         0x90 => &mut q.avail_ring,
@@ -234,14 +188,26 @@ impl MmioTransport {
     }
 }
 
-fn lock(d: &Arc<Mutex<dyn VirtioDevice>>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-    d.lock().unwrap_or_else(|e| e.into_inner())
+impl VirtioTransport for MmioTransport {
+    /// One register for all queues; the value written names the queue.
+    fn queue_notifies(&self) -> Vec<QueueNotify> {
+        (0..self.common.queue_count())
+            .map(|q| QueueNotify {
+                region: 0,
+                offset: QUEUE_NOTIFY,
+                queue: q as u16,
+                datamatch: Some(q as u32),
+            })
+            .collect()
+    }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            lock(&self.device).read_config(offset - CONFIG_SPACE, data);
+            self.common
+                .device()
+                .read_config(offset - CONFIG_SPACE, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -254,7 +220,9 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            lock(&self.device).write_config(offset - CONFIG_SPACE, data);
+            self.common
+                .device()
+                .write_config(offset - CONFIG_SPACE, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -291,86 +259,42 @@ pub struct MmioState {
     pub positions: Vec<QueuePosition>,
 }
 
-impl MmioTransport {
-    fn restore_queues(&mut self, st: &MmioState) -> Result<Vec<Queue>, StateError> {
-        let err = |m: String| StateError::new("virtio-mmio", m);
-        if st.positions.len() != self.queues.len() {
-            return Err(err(format!(
-                "{} queue positions for {} queues",
-                st.positions.len(),
-                self.queues.len()
-            )));
-        }
-        let event_idx = st.driver_features & features::RING_EVENT_IDX != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, (c, pos)) in self.queues.iter().zip(&st.positions).enumerate() {
-            let mut q = c
-                .build(i, &self.mem, event_idx)
-                .map_err(|e| err(error_chain(&e)))?;
-            q.set_next_avail(pos.next_avail);
-            q.set_next_used(pos.next_used);
-            queues.push(q);
-        }
-        check_layout(&self.queues).map_err(|e| err(error_chain(&e)))?;
-        Ok(queues)
-    }
-}
-
 impl Persist for MmioTransport {
     type State = MmioState;
 
     fn save(&self) -> MmioState {
+        let c = self.common.save();
         MmioState {
-            queue_select: self.queue_select,
-            device_features_select: self.device_features_select,
-            driver_features_select: self.driver_features_select,
-            driver_features: self.driver_features,
-            status: self.status,
-            config_generation: self.config_generation,
+            queue_select: c.queue_select,
+            device_features_select: c.device_features_select,
+            driver_features_select: c.driver_features_select,
+            driver_features: c.driver_features,
+            status: c.status,
+            config_generation: c.config_generation,
             interrupt_status: self.interrupt.status(),
             needs_reset: self.interrupt.needs_reset(),
-            queues: self.queues.clone(),
-            positions: lock(&self.device).queue_positions(),
+            queues: c.queues,
+            positions: c.positions,
         }
     }
 
     /// Checks the saved setup as DRIVER_OK would and starts a device that was running,
     /// its queues where they were; a device that never ran is not touched.
     fn restore(&mut self, st: &MmioState) -> Result<(), StateError> {
-        let err = |m: String| StateError::new("virtio-mmio", m);
-        let same_queues = st.queues.len() == self.queues.len()
-            && st
-                .queues
-                .iter()
-                .zip(&self.queues)
-                .all(|(a, b)| a.max_size == b.max_size);
-        if !same_queues {
-            return Err(err("the saved queues are not this device's".into()));
-        }
-        lock(&self.device).reset();
-        self.queues = st.queues.clone();
-        self.queue_select = st.queue_select;
-        self.device_features_select = st.device_features_select;
-        self.driver_features_select = st.driver_features_select;
-        self.driver_features = st.driver_features;
-        self.status = st.status & !status::DEVICE_NEEDS_RESET;
-        self.config_generation = st.config_generation;
-        self.interrupt.restore(st.interrupt_status, st.needs_reset);
-        if self.status & status::FEATURES_OK != 0 {
-            let offered = lock(&self.device).features();
-            if st.driver_features & !offered != 0 || st.driver_features & features::VERSION_1 == 0 {
-                return Err(err("the saved features are not this device's".into()));
-            }
-            lock(&self.device).ack_features(st.driver_features);
-        }
-        let running = self.status & (status::DRIVER_OK | status::FEATURES_OK)
-            == status::DRIVER_OK | status::FEATURES_OK;
-        if running && !st.needs_reset {
-            let queues = self.restore_queues(st)?;
-            lock(&self.device)
-                .activate(self.mem.clone(), queues, self.interrupt.clone())
-                .map_err(|e| err(error_chain(&e)))?;
-        }
+        let common = CommonState {
+            queue_select: st.queue_select,
+            device_features_select: st.device_features_select,
+            driver_features_select: st.driver_features_select,
+            driver_features: st.driver_features,
+            status: st.status,
+            config_generation: st.config_generation,
+            queues: st.queues.clone(),
+            positions: st.positions.clone(),
+        };
+        self.interrupt
+            .status
+            .restore(st.interrupt_status, st.needs_reset);
+        self.common.restore(&common, &self.device_interrupt)?;
         self.interrupt.retrigger();
         Ok(())
     }
@@ -380,7 +304,8 @@ impl Persist for MmioTransport {
 mod tests {
     use super::*;
     use crate::test_utils::CountingInterrupt;
-    use crate::virtio::INT_CONFIG;
+    use crate::virtio::{features, status, INT_CONFIG};
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::GuestAddress;
 
     #[derive(Default)]
@@ -388,7 +313,7 @@ mod tests {
         acked: u64,
         activated: usize,
         resets: usize,
-        interrupt: Option<Arc<VirtioInterrupt>>,
+        interrupt: Option<Arc<dyn VirtioInterrupt>>,
         queues: Vec<Queue>,
     }
 
@@ -422,7 +347,7 @@ mod tests {
             &mut self,
             _: GuestMemoryMmap,
             q: Vec<Queue>,
-            interrupt: Arc<VirtioInterrupt>,
+            interrupt: Arc<dyn VirtioInterrupt>,
         ) -> Result<(), super::super::ActivateError> {
             self.activated = q.len();
             self.interrupt = Some(interrupt);
@@ -438,9 +363,9 @@ mod tests {
     fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>, EventFd) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dev = Arc::new(Mutex::new(Dummy::default()));
-        let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
+        let line = Arc::new(CountingInterrupt::default());
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(dev.clone(), irq, mem, vec![evt.try_clone().unwrap()]);
+        let t = MmioTransport::new(dev.clone(), line, mem, vec![evt.try_clone().unwrap()]);
         (t, dev, evt)
     }
 

@@ -1,14 +1,21 @@
-//! Virtio devices over the virtio-mmio transport (virtio 1.x, register layout version 2).
+//! Virtio devices (virtio 1.x) and their transports: virtio-mmio (register layout version
+//! 2) and virtio-pci (modern, capabilities and MSI-X).
 //!
 //! Three layers per device: the queue logic, generic over its backend and its interrupt;
 //! a thin event-loop adapter holding the queue eventfds; the backend behind a small trait.
+//! Transports are a layer the devices do not know: a device signals
+//! [`VirtioInterruptType::Config`] or [`VirtioInterruptType::Queue`] through
+//! [`VirtioInterrupt`], and a transport lists its notification addresses
+//! ([`VirtioTransport`]) for the device manager to wire.
 
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod queue;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod transport;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -16,8 +23,6 @@ use std::time::{Duration, Instant};
 
 use crate::GuestMemoryMmap;
 use virtio_queue::Queue;
-
-use crate::Interrupt;
 
 /// Feature bits common to all devices.
 pub mod features {
@@ -53,64 +58,75 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
 }
 
-/// What a device and its transport share: the interrupt status, which the transport reads
-/// and acknowledges on vCPU threads and the device raises on the event loop, and the
-/// "needs reset" state (virtio 1.x 2.1.2), which the device (or the transport, refusing
-/// DRIVER_OK) sets, the transport reports as DEVICE_NEEDS_RESET, and a driver reset clears.
-pub struct VirtioInterrupt {
-    status: AtomicU32,
-    needs_reset: AtomicBool,
-    line: Arc<dyn Interrupt>,
+/// What a device tells its driver through [`VirtioInterrupt::trigger`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioInterruptType {
+    /// The device configuration space changed.
+    Config,
+    /// Queue n has used buffers.
+    Queue(u16),
 }
 
-/// InterruptStatus bit: a queue has used buffers.
-pub const INT_USED_RING: u32 = 1;
-/// InterruptStatus bit: the configuration changed.
-pub const INT_CONFIG: u32 = 2;
-
-impl VirtioInterrupt {
-    /// An interrupt raised on `line`.
-    pub fn new(line: Arc<dyn Interrupt>) -> Self {
-        VirtioInterrupt {
-            status: AtomicU32::new(0),
-            needs_reset: AtomicBool::new(false),
-            line,
-        }
-    }
-
-    fn raise(&self, bit: u32) {
-        self.status.fetch_or(bit, Ordering::SeqCst);
-        if let Err(e) = self.line.trigger() {
-            log::warn!("virtio: cannot raise the interrupt: {e}");
-        }
-    }
-
-    /// Tells the driver a queue has used buffers.
-    pub fn signal_used_queue(&self) {
-        self.raise(INT_USED_RING);
-    }
-
-    /// Tells the driver the configuration space changed.
-    pub fn signal_config_change(&self) {
-        self.raise(INT_CONFIG);
-    }
-
-    /// Current InterruptStatus.
-    pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
-    }
-
-    /// InterruptACK: clears the given bits.
-    pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
-    }
-
+/// How a device signals its driver, whatever the transport: the device says what happened
+/// ([`VirtioInterruptType`]) and the transport turns it into its own mechanism (virtio-mmio:
+/// an InterruptStatus bit and one line; virtio-pci: an MSI-X vector per queue). Raised on
+/// the event loop; the transport reads and acknowledges on vCPU threads.
+///
+/// It also carries the "needs reset" state (virtio 1.x 2.1.2): the device (or the
+/// transport, refusing DRIVER_OK) sets it, the transport reports DEVICE_NEEDS_RESET, and
+/// a driver reset clears it.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Tells the driver about `kind`.
+    fn trigger(&self, kind: VirtioInterruptType);
     /// The device cannot go on until the driver resets it: DEVICE_NEEDS_RESET is reported
     /// from now on, and the driver gets a configuration-change interrupt (once).
-    pub fn signal_needs_reset(&self) {
-        if !self.needs_reset.swap(true, Ordering::SeqCst) {
-            self.raise(INT_CONFIG);
-        }
+    fn signal_needs_reset(&self);
+    /// Whether the device needs a reset.
+    fn needs_reset(&self) -> bool;
+}
+
+/// InterruptStatus / ISR bit: a queue has used buffers.
+pub const INT_USED_RING: u32 = 1;
+/// InterruptStatus / ISR bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt status bits and needs-reset flag every transport keeps for its device
+/// (atomics: written on the event loop, read on vCPU threads).
+#[derive(Debug, Default)]
+pub struct InterruptStatus {
+    bits: AtomicU32,
+    needs_reset: AtomicBool,
+}
+
+impl InterruptStatus {
+    /// No interrupt pending, no reset needed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `bits`.
+    pub fn set(&self, bits: u32) {
+        self.bits.fetch_or(bits, Ordering::SeqCst);
+    }
+
+    /// The bits now.
+    pub fn get(&self) -> u32 {
+        self.bits.load(Ordering::SeqCst)
+    }
+
+    /// Clears `bits` (virtio-mmio InterruptACK).
+    pub fn ack(&self, bits: u32) {
+        self.bits.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Reads and clears all bits (a virtio-pci ISR read).
+    pub fn take(&self) -> u32 {
+        self.bits.swap(0, Ordering::SeqCst)
+    }
+
+    /// Records that the device needs a reset; true the first time.
+    pub fn mark_needs_reset(&self) -> bool {
+        !self.needs_reset.swap(true, Ordering::SeqCst)
     }
 
     /// Whether the device needs a reset.
@@ -118,29 +134,40 @@ impl VirtioInterrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
-    /// Puts back a saved interrupt status and needs-reset state (a restore).
-    pub fn restore(&self, status: u32, needs_reset: bool) {
-        self.status
-            .store(status & (INT_USED_RING | INT_CONFIG), Ordering::SeqCst);
+    /// Puts back saved bits (only the two defined ones) and needs-reset state.
+    pub fn restore(&self, bits: u32, needs_reset: bool) {
+        self.bits
+            .store(bits & (INT_USED_RING | INT_CONFIG), Ordering::SeqCst);
         self.needs_reset.store(needs_reset, Ordering::SeqCst);
     }
 
-    /// Raises the line again if an interrupt is pending (after a restore: the edge fired
-    /// before the snapshot is gone).
-    pub fn retrigger(&self) {
-        if self.status() != 0 {
-            if let Err(e) = self.line.trigger() {
-                log::warn!("virtio: cannot raise the interrupt: {e}");
-            }
-        }
-    }
-
-    /// Driver reset (by the transport, after the device's own reset): no interrupt pending,
-    /// no reset needed.
+    /// Driver reset: no interrupt pending, no reset needed.
     pub fn reset(&self) {
-        self.status.store(0, Ordering::SeqCst);
-        self.needs_reset.store(false, Ordering::SeqCst);
+        self.restore(0, false);
     }
+}
+
+/// Where the driver writes to notify one queue: `offset` into the transport's region
+/// `region` (virtio-mmio: its window, region 0; virtio-pci: the BAR of that index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueNotify {
+    /// The transport region (window or BAR index).
+    pub region: u8,
+    /// Offset of the notification register in it.
+    pub offset: u64,
+    /// The queue notified.
+    pub queue: u16,
+    /// The 32-bit value a write must carry to mean this queue; None when any write at
+    /// the address does.
+    pub datamatch: Option<u32>,
+}
+
+/// A virtio transport, as the device manager sees it: it lists where queue notifications
+/// arrive, so they can be wired to eventfds (KVM ioeventfds) that reach the device without
+/// a trip through the VMM.
+pub trait VirtioTransport {
+    /// Every queue's notification address.
+    fn queue_notifies(&self) -> Vec<QueueNotify>;
 }
 
 /// Why a device could not start.
@@ -179,7 +206,7 @@ pub trait VirtioDevice: Send {
         &mut self,
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError>;
     /// Where each running queue is, in queue order; empty while the device is not running.
     fn queue_positions(&self) -> Vec<queue::QueuePosition>;

@@ -145,3 +145,32 @@ pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'stat
         Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the checked code panicked"),
     }
 }
+
+/// A device interrupt that records what it was told, in order.
+#[derive(Default)]
+pub struct RecordingInterrupt {
+    kinds: std::sync::Mutex<Vec<super::VirtioInterruptType>>,
+    needs_reset: std::sync::atomic::AtomicBool,
+}
+
+impl RecordingInterrupt {
+    /// Everything triggered so far, oldest first.
+    pub fn kinds(&self) -> Vec<super::VirtioInterruptType> {
+        self.kinds.lock().unwrap().clone()
+    }
+}
+
+impl super::VirtioInterrupt for RecordingInterrupt {
+    fn trigger(&self, kind: super::VirtioInterruptType) {
+        self.kinds.lock().unwrap().push(kind);
+    }
+    fn signal_needs_reset(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.trigger(super::VirtioInterruptType::Config);
+        }
+    }
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -16,7 +16,7 @@ use virtio_queue::{Queue, Reader, Writer};
 use super::queue::{DeviceQueue, QueueError, QueuePosition};
 use super::{
     device_type, error_chain, features, read_config_bytes, ActivateError, RateLimitedLog,
-    VirtioDevice, VirtioInterrupt,
+    VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
 use crate::disk::DiskImage;
 use request::{Capabilities, RequestError};
@@ -43,7 +43,7 @@ const CONFIG_LEN: usize = 0x3c;
 struct Active {
     mem: GuestMemoryMmap,
     queue: DeviceQueue,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 /// What one [`Block::process_queue`] pass did.
@@ -254,7 +254,7 @@ impl Block {
         match serve_pass(a, &mut ctx, &mut served) {
             Ok(()) => {
                 if served.completed > 0 && a.queue.needs_notification(&a.mem).unwrap_or(true) {
-                    a.interrupt.signal_used_queue();
+                    a.interrupt.trigger(VirtioInterruptType::Queue(0));
                 }
             }
             Err(e) => {
@@ -410,7 +410,7 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         mut queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         if queues.len() != 1 {
             return Err(ActivateError::QueueCount {

@@ -10,6 +10,7 @@ use super::request::*;
 use super::*;
 use crate::disk::{DiskError, Extent, HostFile, ImageFormat, RawImage};
 use crate::test_utils::CountingInterrupt;
+use crate::virtio::mmio::MmioInterrupt;
 use crate::virtio::testing::{within, GuestQueue, F_INDIRECT, F_NEXT};
 use crate::virtio::INT_CONFIG;
 
@@ -22,7 +23,7 @@ struct Rig {
     mem: GuestMemoryMmap,
     dev: Block,
     irq: Arc<CountingInterrupt>,
-    vi: Arc<VirtioInterrupt>,
+    vi: Arc<MmioInterrupt>,
     disk_file: std::fs::File,
 }
 
@@ -40,7 +41,7 @@ fn rig_with(read_only: bool, acked: u64) -> Rig {
     );
     dev.ack_features(acked);
     let irq = Arc::new(CountingInterrupt::default());
-    let vi = Arc::new(VirtioInterrupt::new(irq.clone()));
+    let vi = Arc::new(MmioInterrupt::new(irq.clone()));
     dev.activate(mem.clone(), vec![queue], vi.clone()).unwrap();
     Rig {
         q,

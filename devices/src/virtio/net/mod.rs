@@ -24,7 +24,7 @@ use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use super::queue::{DeviceQueue, QueueError, QueuePosition};
 use super::{
     device_type, error_chain, features, read_config_bytes, ActivateError, RateLimitedLog,
-    VirtioDevice, VirtioInterrupt,
+    VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
 use tap::{offload, VNET_HDR_LEN};
 
@@ -107,7 +107,7 @@ pub enum TxState {
 struct Active {
     mem: GuestMemoryMmap,
     queues: [DeviceQueue; 2],
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 /// Frames moved and dropped each way (what `ember domstats` shows); bytes exclude the
@@ -217,7 +217,7 @@ impl<B: NetBackend> Net<B> {
         let status = if up { S_LINK_UP } else { 0 };
         self.config[6..8].copy_from_slice(&status.to_le_bytes());
         if let Some(a) = &self.active {
-            a.interrupt.signal_config_change();
+            a.interrupt.trigger(VirtioInterruptType::Config);
         }
     }
 
@@ -346,7 +346,7 @@ impl<B: NetBackend> Net<B> {
     fn notify(&mut self, q: usize) {
         if let Some(a) = self.active.as_mut() {
             if a.queues[q].needs_notification(&a.mem).unwrap_or(true) {
-                a.interrupt.signal_used_queue();
+                a.interrupt.trigger(VirtioInterruptType::Queue(q as u16));
             }
         }
     }
@@ -583,7 +583,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         &mut self,
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         if queues.len() != 2 {
             return Err(ActivateError::QueueCount {

@@ -8,7 +8,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::test_utils::CountingInterrupt;
-use crate::virtio::testing::{within, GuestQueue, F_NEXT};
+use crate::virtio::mmio::MmioInterrupt;
+use crate::virtio::testing::{within, GuestQueue, RecordingInterrupt, F_NEXT};
 use crate::virtio::{status, INT_CONFIG};
 
 /// Something the guest does while the device works (a vCPU racing the event loop).
@@ -84,7 +85,7 @@ struct Rig {
     dev: Net<Mock>,
     wire: Arc<Mutex<Wire>>,
     irq: Arc<CountingInterrupt>,
-    vi: Arc<VirtioInterrupt>,
+    vi: Arc<MmioInterrupt>,
 }
 
 fn guest_memory() -> GuestMemoryMmap {
@@ -112,7 +113,7 @@ fn rig_on(
     let mut dev = Net::new(Mock(wire.clone()), mac_for("vm", 0), 1500);
     dev.ack_features(acked);
     let irq = Arc::new(CountingInterrupt::default());
-    let vi = Arc::new(VirtioInterrupt::new(irq.clone()));
+    let vi = Arc::new(MmioInterrupt::new(irq.clone()));
     dev.activate(mem.clone(), vec![rxq, txq], vi.clone())
         .unwrap();
     Rig {
@@ -150,6 +151,30 @@ fn transmit_passes_header_and_frame_to_the_backend() {
     assert_eq!(r.wire.lock().unwrap().from_guest, vec![f]);
     assert_eq!(r.tx.used_idx(), 1);
     assert!(r.irq.count() > 0);
+}
+
+#[test]
+fn receive_and_transmit_each_signal_their_own_queue() {
+    let mut r = rig(!feature::MRG_RXBUF);
+    let rec = Arc::new(RecordingInterrupt::default());
+    r.dev.reset();
+    let (rx, rxq) = GuestQueue::new(&r.mem, 0x40_0000, QUEUE_SIZE);
+    let (tx, txq) = GuestQueue::new(&r.mem, 0x50_0000, QUEUE_SIZE);
+    (r.rx, r.tx) = (rx, tx);
+    r.dev.ack_features(!feature::MRG_RXBUF);
+    r.dev
+        .activate(r.mem.clone(), vec![rxq, txq], rec.clone())
+        .unwrap();
+    r.mem.write_slice(&frame(60, 1), GuestAddress(BUF)).unwrap();
+    r.tx.chain(&[(BUF, 72, false)]);
+    r.wire.lock().unwrap().to_guest.push_back(frame(60, 2));
+    r.rx.chain(&[(BUF + 0x1_0000, 2048, true)]);
+
+    assert_eq!(r.dev.process_tx(), TxState::Done);
+    assert_eq!(r.dev.process_rx(), RxState::Drained);
+
+    use crate::virtio::VirtioInterruptType::Queue;
+    assert_eq!(rec.kinds(), [Queue(1), Queue(0)]);
 }
 
 #[test]
@@ -583,7 +608,7 @@ mod through_mmio {
             ..Default::default()
         }));
         let net = Arc::new(Mutex::new(Net::new(Mock(wire.clone()), [2; 6], 1500)));
-        let vi = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
+        let vi = Arc::new(CountingInterrupt::default());
         let evts = (0..2)
             .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
             .collect();
