@@ -45,6 +45,7 @@ impl DeviceManager {
                     transport: lock_device(&e.transport, |t| t.save()),
                 })
                 .collect(),
+            balloon: self.balloon_state(),
         })
     }
 
@@ -93,6 +94,6 @@ impl DeviceManager {
             }
             lock_device(&e.transport, |t| t.restore(&st.transport))?;
         }
-        Ok(())
+        self.restore_balloon(s.balloon.as_ref())
     }
 }

@@ -235,6 +235,9 @@ impl Vmm {
         for net in &cfg.nets {
             devices.attach_net(&mut events, net)?;
         }
+        if let Some(b) = &cfg.balloon {
+            devices.attach_balloon(&mut events, b)?;
+        }
         let vcpus = Self::create_vcpus(&vm, cfg, &plan, &devices, &run_state, &mem)?;
         Ok(Vmm {
             vcpus,
