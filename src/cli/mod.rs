@@ -1,6 +1,7 @@
 //! The `ember` command line: argument structs and what each command does. Every failure is
 //! one line on stderr; bad input exits 2.
 
+pub mod balloon;
 pub mod console;
 pub mod defs;
 pub mod detach;

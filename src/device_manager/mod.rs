@@ -32,6 +32,7 @@ use serde::Serialize;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub use balloon::lock as lock_balloon;
 pub use resources::{ResourceAllocator, Resources};
 use wiring::{clone_eventfds, queue_eventfds, register_notifies, unregister_notifies};
 

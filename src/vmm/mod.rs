@@ -3,6 +3,7 @@
 //! VM's run ends ([`Vmm::run`]), answering the API between rounds. Building is separate from
 //! booting so a VM can also be brought up from saved state.
 
+mod balloon;
 mod control;
 pub mod cpuid;
 mod snapshot;
