@@ -253,13 +253,18 @@ impl VirtioCommon {
             .map_err(ActivateError::BadQueue);
         let mem = self.mem.clone();
         let result = queues.and_then(|q| self.device().activate(mem, q, interrupt.clone()));
-        if let Err(e) = result {
-            self.log.warn(format_args!(
-                "{}: device not started at DRIVER_OK, it needs a reset: {}",
-                self.name,
-                error_chain(&e)
-            ));
-            interrupt.signal_needs_reset();
+        match result {
+            // Buffers a driver made available (and notified) before DRIVER_OK were not
+            // served: Linux's virtio-balloon posts its statistics buffer that way.
+            Ok(()) => self.wake_queues(),
+            Err(e) => {
+                self.log.warn(format_args!(
+                    "{}: device not started at DRIVER_OK, it needs a reset: {}",
+                    self.name,
+                    error_chain(&e)
+                ));
+                interrupt.signal_needs_reset();
+            }
         }
     }
 
