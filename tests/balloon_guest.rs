@@ -265,13 +265,13 @@ fn setmem_shrinks_a_linux_guest_and_the_host_rss_then_gives_memory_back() {
         assert!(Instant::now() < end, "no fresh statistics: {s:?}");
         std::thread::sleep(Duration::from_secs(2));
     };
+    // (The guest kit's kernel counts no VM events: no swap or fault figures.)
     for key in [
         "unused",
         "available",
         "usable",
-        "major_fault",
+        "disk_caches",
         "last_update",
-        "rss",
     ] {
         assert!(stat(&fresh, key).is_some(), "{key} missing from {fresh:?}");
     }
