@@ -50,6 +50,8 @@ use stats::GuestStats;
 pub const QUEUE_SIZE: u16 = 256;
 /// Most page frames one inflate or deflate chain may carry (Linux sends 256).
 pub const MAX_PFNS_PER_CHAIN: usize = 4096;
+/// Most ranges one free page report may carry (Linux sends up to 32).
+pub const MAX_REPORT_RANGES: usize = 256;
 /// Longest statistics period, seconds.
 pub const MAX_STATS_PERIOD: u16 = u16::MAX;
 
@@ -504,9 +506,17 @@ fn discard(mem: &GuestMemoryMmap, r: pages::GuestRange, w: &mut Work) {
 }
 
 /// A free page report: each descriptor is a range of free guest memory; its whole pages
-/// that are guest RAM go back to the host.
+/// that are guest RAM go back to the host. At most [`MAX_REPORT_RANGES`] ranges a report.
 fn report_free(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, w: &mut Work) {
-    for desc in chain {
+    for (i, desc) in chain.enumerate() {
+        if i == MAX_REPORT_RANGES {
+            w.counters.bad_requests += 1;
+            w.log.warn(format_args!(
+                "virtio-balloon: a free page report of more than {MAX_REPORT_RANGES} ranges; \
+                 the rest is ignored"
+            ));
+            break;
+        }
         let Some((start, end)) = whole_pages(desc.addr().0, u64::from(desc.len())) else {
             continue;
         };

@@ -553,3 +553,35 @@ fn a_state_the_device_cannot_be_in_is_refused() {
     );
     assert_eq!(dev.target(), 0, "nothing changed");
 }
+
+#[test]
+fn a_free_page_report_is_read_up_to_its_range_limit() {
+    let mut r = rig();
+    // A chain of more ranges than a report may carry, through an indirect table.
+    let n = MAX_REPORT_RANGES + 10;
+    let table = DATA_AT + 0x10000;
+    for i in 0..n {
+        let at = table + 16 * i as u64;
+        r.mem
+            .write_obj(0x40_0000 + (i as u64) * PAGE_SIZE, GuestAddress(at))
+            .unwrap();
+        r.mem
+            .write_obj(PAGE_SIZE as u32, GuestAddress(at + 8))
+            .unwrap();
+        let flags = crate::virtio::testing::F_WRITE | if i + 1 < n { F_NEXT } else { 0 };
+        r.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        r.mem
+            .write_obj((i + 1) as u16, GuestAddress(at + 14))
+            .unwrap();
+    }
+    let q = &mut r.qs[REPORTING];
+    let head = q.next_index();
+    q.desc(table, 16 * n as u32, crate::virtio::testing::F_INDIRECT, 0);
+    q.publish(head);
+
+    let served = r.dev.process_queue(REPORTING);
+
+    assert_eq!(served.used, 1);
+    assert_eq!(r.discarded.ranges().len(), MAX_REPORT_RANGES);
+    assert_eq!(r.dev.counters().bad_requests, 1);
+}
