@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ember::cli::{self, clone, defs, run, snapshots, verbs};
+use ember::cli::{self, balloon, clone, defs, run, snapshots, verbs};
 
 #[derive(Parser)]
 #[command(name = "ember", version, about = "A small hypervisor on Linux KVM", long_about = None)]
@@ -46,6 +46,12 @@ enum Command {
     Vcpuinfo(verbs::NameArg),
     /// Show a VM's counters (vCPU exits, disk and NIC I/O)
     Domstats(verbs::NameArg),
+    /// Set how much memory a VM's guest keeps (its balloon's target), up to its maximum
+    Setmem(balloon::SetmemArgs),
+    /// Set a VM's maximum memory in its definition (a running VM's is fixed)
+    Setmaxmem(balloon::SetmaxmemArgs),
+    /// Show a VM's memory statistics (balloon, guest figures, host RSS) in KiB
+    Dommemstat(balloon::DommemstatArgs),
     /// Save a running VM to a file and stop it (memory goes to FILE.mem)
     Save(verbs::SaveArgs),
     /// Start a VM from a file 'ember save' wrote, in the background
@@ -105,6 +111,9 @@ fn main() -> ExitCode {
         Command::Domiflist(a) => verbs::domiflist(a),
         Command::Vcpuinfo(a) => verbs::vcpuinfo(a),
         Command::Domstats(a) => verbs::domstats(a),
+        Command::Setmem(a) => balloon::setmem(a),
+        Command::Setmaxmem(a) => balloon::setmaxmem(a),
+        Command::Dommemstat(a) => balloon::dommemstat(a),
         Command::Save(a) => verbs::save(a),
         Command::Restore(a) => verbs::restore(a),
         Command::SnapshotCreateAs(a) => snapshots::create(a),

@@ -467,16 +467,16 @@ fn preboot_answer(
     let r = match req {
         ApiRequest::InstanceInfo => session.instance_info(VmState::NotStarted),
         ApiRequest::Version => version_response(),
-        ApiRequest::VmConfig => Response::json(
-            200,
-            fc::full_config(
+        ApiRequest::VmConfig => {
+            let mut full = fc::full_config(
                 pending.boot_source.as_ref(),
                 &pending.machine,
                 &pending.drives,
                 &pending.nets,
-            )
-            .to_string(),
-        ),
+            );
+            full["balloon"] = json!(pending.balloon);
+            Response::json(200, full.to_string())
+        }
         ApiRequest::GetMachineConfig => Response::json(
             200,
             serde_json::to_string(&pending.machine).unwrap_or_default(),
@@ -488,6 +488,7 @@ fn preboot_answer(
         ApiRequest::NetworkInterface(n) => done(pending.set_net(n)),
         ApiRequest::Logger(l) => done(crate::logger::configure(&l)),
         ApiRequest::Metrics(m) => done(session.set_metrics(&m.metrics_path)),
+        ApiRequest::Balloon(b) => api::balloon::preboot(pending, b),
         ApiRequest::Action(a) if a.action_type == ActionType::InstanceStart => {
             return match pending.to_vm_config(&session.name) {
                 Ok(c) => (None, Some(Start::Boot(c))),
@@ -524,6 +525,7 @@ fn snapshot_load(pending: &PendingVm, l: &fc::SnapshotLoad) -> Result<RestoreSpe
     let configured = pending.boot_source.is_some()
         || !pending.drives.is_empty()
         || !pending.nets.is_empty()
+        || pending.balloon.is_some()
         || pending.machine != fc::MachineConfig::default();
     if configured {
         return Err(

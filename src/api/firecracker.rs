@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::balloon::BalloonDevice;
 use crate::config::{self, DiskCache, DiskConfig, Mac, NetConfig, Size, VmConfig};
 
 /// Firecracker's kernel command line when `boot_args` is not given.
@@ -348,6 +349,9 @@ pub struct ConfigFile {
     /// Metrics.
     #[serde(default)]
     pub metrics: Option<Metrics>,
+    /// The balloon.
+    #[serde(default)]
+    pub balloon: Option<BalloonDevice>,
 }
 
 /// Error texts, as Firecracker words them.
@@ -384,6 +388,8 @@ pub struct PendingVm {
     pub logger: Option<Logger>,
     /// Metrics.
     pub metrics: Option<Metrics>,
+    /// The balloon.
+    pub balloon: Option<BalloonDevice>,
 }
 
 fn fault(prefix: &str, e: impl std::fmt::Display) -> String {
@@ -419,6 +425,7 @@ impl PendingVm {
     /// Checks and records `PUT /machine-config`.
     pub fn set_machine(&mut self, m: MachineConfig) -> Result<(), String> {
         check_machine(&m)?;
+        super::balloon::check_machine_memory(self, m.mem_size_mib)?;
         self.machine = m;
         Ok(())
     }
@@ -538,6 +545,10 @@ impl PendingVm {
                 transport: None,
             });
         }
+        c.balloon = self
+            .balloon
+            .as_ref()
+            .map(|b| super::balloon::config_of(b, c.memory.0));
         c.normalize(name);
         c.check().map_err(|e| format!("Start microvm error: {e}"))?;
         Ok(c)
@@ -559,6 +570,9 @@ impl PendingVm {
         }
         for n in f.network_interfaces {
             p.set_net(n)?;
+        }
+        if let Some(b) = f.balloon {
+            p.set_balloon(b)?;
         }
         Ok(p)
     }

@@ -4,6 +4,7 @@
 //! [`route`] turns a request into an [`ApiRequest`] (or the error response); the VMM (or,
 //! before `InstanceStart`, the pre-boot controller) answers it.
 
+pub mod balloon;
 pub mod client;
 pub mod firecracker;
 pub mod http;
@@ -100,6 +101,8 @@ pub enum ApiRequest {
     SnapshotRevert(SnapshotName),
     /// `PUT /ember/snapshots/delete`.
     SnapshotDelete(SnapshotName),
+    /// `/balloon`, `/balloon/statistics`, `/ember/balloon`.
+    Balloon(balloon::BalloonRequest),
 }
 
 /// `PUT /ember/snapshots`.
@@ -182,6 +185,8 @@ pub fn route(req: &Request) -> Result<ApiRequest, Response> {
         "PATCH" if !has_body => Err(bad_request("Empty PATCH request.")),
         "PATCH" => match first {
             "vm" => Ok(ApiRequest::PatchVm(body(req)?)),
+            "balloon" => balloon::route(req, &parts),
+            "ember" if parts.get(1) == Some(&"balloon") => balloon::route(req, &parts),
             "machine-config" => {
                 let u: MachineConfigUpdate = body(req)?;
                 if u == MachineConfigUpdate::default() {
@@ -203,6 +208,7 @@ fn route_get(req: &Request, parts: &[&str], first: &str) -> Result<ApiRequest, R
         ("machine-config", _) => Ok(ApiRequest::GetMachineConfig),
         ("ember", Some("info")) => Ok(ApiRequest::EmberInfo),
         ("ember", Some("counters")) => Ok(ApiRequest::EmberCounters),
+        ("balloon", _) | ("ember", Some("balloon")) => balloon::route(req, parts),
         _ => Err(unknown(req, first)),
     }
 }
@@ -214,6 +220,7 @@ fn route_put(req: &Request, parts: &[&str], first: &str) -> Result<ApiRequest, R
         "machine-config" => Ok(ApiRequest::PutMachineConfig(body(req)?)),
         "logger" => Ok(ApiRequest::Logger(body(req)?)),
         "metrics" => Ok(ApiRequest::Metrics(body(req)?)),
+        "balloon" => balloon::route(req, parts),
         "drives" => {
             let id = check_path_id(parts.get(1).copied())?;
             let d: Drive = body(req)?;

@@ -18,6 +18,7 @@ macro_rules! out {
     }};
 }
 
+pub mod balloon;
 pub mod clone;
 pub mod console;
 pub mod defs;

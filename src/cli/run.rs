@@ -14,7 +14,8 @@ use super::{detach, USAGE_ERROR};
 use crate::api::firecracker::{ConfigFile, PendingVm};
 use crate::ci_watch::{self, OutputWatch, WatchSpec};
 use crate::config::{
-    self, parse_name, parse_text, ConfigError, DiskConfig, NetConfig, SerialMode, VmConfig,
+    self, parse_name, parse_text, BalloonConfig, ConfigError, DiskConfig, NetConfig, SerialMode,
+    VmConfig,
 };
 use crate::console::{is_terminal, RawTerminal};
 use crate::run_state::Outcome;
@@ -78,6 +79,11 @@ pub struct RunArgs {
     /// [qemu: -netdev tap,ifname=NAME -device virtio-net]
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
+    /// Memory balloon: on|off[,target=SIZE][,deflate_on_oom=on][,free_page_reporting=on]
+    /// [,stats_period=S][,transport=mmio|pci]; ember setmem/dommemstat drive it
+    /// [qemu: -device virtio-balloon]
+    #[arg(long, value_name = "SPEC")]
+    pub balloon: Option<String>,
     /// VM name, unique on the host (default ember-PID); default MACs derive from it
     /// [qemu: -name, firecracker: --id]
     #[arg(long, visible_alias = "id", value_name = "NAME")]
@@ -200,6 +206,9 @@ impl RunArgs {
             .map(|n| NetConfig::parse(n))
             .collect::<Result<_, _>>()?;
         c.root = self.root.clone();
+        if let Some(spec) = &self.balloon {
+            c.balloon = BalloonConfig::parse(spec)?;
+        }
         // Without --name, MACs derive from "ember" as they always did: stable across runs.
         c.normalize(self.name.as_deref().unwrap_or("ember"));
         c.validate()?;

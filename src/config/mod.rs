@@ -22,6 +22,8 @@ pub const MAX_CPUS: u8 = boot::x86_64::mptable::MAX_CPUS;
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// Most disks and NICs together (each takes an IRQ of the IOAPIC).
 pub const MAX_DEVICES: usize = 16;
+/// The balloon's device id.
+pub const BALLOON_ID: &str = "balloon";
 /// Command line when `--cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k";
 
@@ -284,6 +286,69 @@ impl NetConfig {
     }
 }
 
+/// The memory balloon: `--balloon on[,target=SIZE][,deflate_on_oom=on]
+/// [,free_page_reporting=on][,stats_period=S][,transport=mmio|pci]` (`off`: none); its id
+/// is `balloon`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Guest memory the balloon aims at (virsh's current memory); all of `memory` when not
+    /// given. `ember setmem` changes it while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Size>,
+    /// The guest takes memory back from the balloon when it runs out.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deflate_on_oom: bool,
+    /// The guest reports free memory, which leaves the host's RSS.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub free_page_reporting: bool,
+    /// Seconds between the guest's memory statistics (`ember dommemstat`); 0: none.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub stats_period: u16,
+    /// Its transport; the VM's default when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
+}
+
+impl BalloonConfig {
+    /// Parses a `--balloon` spec: `on` or `off` first (`on` when omitted), then keys.
+    pub fn parse(spec: &str) -> Result<Option<Self>, ConfigError> {
+        const OPT: &str = "--balloon";
+        let mut pairs =
+            optparse::split_pairs(spec, Some("enabled")).map_err(|m| ConfigError::new(OPT, m))?;
+        let mut enabled = true;
+        if pairs.first().is_some_and(|(k, _)| k == "enabled") {
+            let (_, v) = pairs.remove(0);
+            enabled = optparse::parse_switch(&v)
+                .ok_or_else(|| ConfigError::new(OPT, format!("'{v}': say on or off first")))?;
+        }
+        if !enabled {
+            if !pairs.is_empty() {
+                return Err(ConfigError::new(OPT, "off takes no other keys"));
+            }
+            return Ok(None);
+        }
+        let b: BalloonConfig =
+            optparse::from_pairs(pairs).map_err(|e| ConfigError::new(OPT, e.to_string()))?;
+        Ok(Some(b))
+    }
+
+    fn check(&self, memory: u64) -> Result<(), ConfigError> {
+        if let Some(t) = self.target {
+            if t.0 == 0 || t.0 > memory || !t.0.is_multiple_of(4096) {
+                return Err(ConfigError::new(
+                    "--balloon",
+                    format!(
+                        "target={t}: give a multiple of 4K above 0, at most --memory ({})",
+                        Size(memory)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks a device id: 1 to 32 letters, digits, `-` or `_`.
 pub fn check_id(option: &str, id: &str) -> Result<(), ConfigError> {
     if id.is_empty()
@@ -388,6 +453,9 @@ pub struct VmConfig {
     /// The transport of devices that do not name one.
     #[serde(default, skip_serializing_if = "is_default")]
     pub transport: Transport,
+    /// The memory balloon (attached after the disks and NICs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// Checks that `path` (given with `option`) is a readable, non-empty regular file.
@@ -429,6 +497,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             transport: Transport::default(),
+            balloon: None,
         }
     }
 
@@ -438,6 +507,7 @@ impl VmConfig {
         self.transport == Transport::Pci
             || self.disks.iter().any(|d| d.transport == pci)
             || self.nets.iter().any(|n| n.transport == pci)
+            || self.balloon.as_ref().is_some_and(|b| b.transport == pci)
     }
 
     /// Gives every device an id (vda.., eth0..) and every NIC a MAC derived from
@@ -474,17 +544,23 @@ impl VmConfig {
         for n in &self.nets {
             n.check("--net")?;
         }
-        if self.disks.len() + self.nets.len() > MAX_DEVICES {
+        if let Some(b) = &self.balloon {
+            b.check(self.memory.0)?;
+        }
+        if self.virtio_devices() > MAX_DEVICES {
             return Err(ConfigError::new(
                 "--disk",
                 format!(
-                    "{} disks and NICs given; at most {MAX_DEVICES} virtio devices",
-                    self.disks.len() + self.nets.len()
+                    "{} disks, NICs and balloon given; at most {MAX_DEVICES} virtio devices",
+                    self.virtio_devices()
                 ),
             ));
         }
         let mut ids: Vec<&str> = self.disks.iter().filter_map(|d| d.id.as_deref()).collect();
         ids.extend(self.nets.iter().filter_map(|n| n.id.as_deref()));
+        if self.balloon.is_some() {
+            ids.push(BALLOON_ID);
+        }
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::new(
@@ -494,6 +570,11 @@ impl VmConfig {
         }
         boot::loader::check_cmdline(&self.cmdline, boot::layout::CMDLINE_MAX_SIZE - 1)
             .map_err(|e| ConfigError::new("--cmdline", e.to_string()))
+    }
+
+    /// How many virtio devices the VM has (each takes an IRQ).
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len() + self.nets.len() + usize::from(self.balloon.is_some())
     }
 
     /// [`Self::check`], then that the files are readable.

@@ -215,3 +215,62 @@ fn the_vm_transport_round_trips_through_definitions_and_is_omitted_when_default(
     let back: VmConfig = toml::from_str(&text).unwrap();
     assert_eq!(back, c);
 }
+
+#[test]
+fn balloon_specs_parse_with_on_first_or_implied() {
+    let b = BalloonConfig::parse(
+        "on,target=128M,deflate_on_oom=on,free_page_reporting=on,stats_period=5,transport=pci",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(b.target, Some(Size(128 << 20)));
+    assert!(b.deflate_on_oom && b.free_page_reporting);
+    assert_eq!((b.stats_period, b.transport), (5, Some(Transport::Pci)));
+    assert_eq!(
+        BalloonConfig::parse("on"),
+        Ok(Some(BalloonConfig::default()))
+    );
+    assert_eq!(
+        BalloonConfig::parse("stats_period=2")
+            .unwrap()
+            .unwrap()
+            .stats_period,
+        2
+    );
+    assert_eq!(BalloonConfig::parse("off"), Ok(None));
+}
+
+#[test]
+fn bad_balloon_specs_name_the_option() {
+    for bad in [
+        "maybe",
+        "off,stats_period=1",
+        "on,stats_period=70000",
+        "on,colour=red",
+        "on,target=12Q",
+    ] {
+        let e = BalloonConfig::parse(bad).unwrap_err();
+        assert_eq!(e.option, "--balloon", "{bad}");
+    }
+    let mut c = VmConfig::new("t", "k".into());
+    c.balloon = BalloonConfig::parse("target=512M").unwrap();
+    let e = c.check().unwrap_err();
+    assert_eq!(e.option, "--balloon");
+    assert!(e.message.contains("at most --memory (256M)"), "{e}");
+    c.balloon = BalloonConfig::parse("target=128M").unwrap();
+    assert!(c.check().is_ok());
+}
+
+#[test]
+fn the_balloon_round_trips_through_definitions_and_counts_as_a_device() {
+    let mut c = VmConfig::new("t", "/k".into());
+    c.balloon = BalloonConfig::parse("on,target=100M,stats_period=3").unwrap();
+    let text = toml::to_string(&c).unwrap();
+    assert!(text.contains("[balloon]"), "{text}");
+    let back: VmConfig = toml::from_str(&text).unwrap();
+    assert_eq!(back, c);
+    assert_eq!(c.virtio_devices(), 1);
+    c.disks
+        .push(DiskConfig::parse("path=a,id=balloon").unwrap());
+    assert!(c.check().unwrap_err().message.contains("id=balloon"));
+}

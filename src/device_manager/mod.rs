@@ -5,6 +5,7 @@
 //! vCPUs run), subscribes its event-loop handler and records it under its id; detaching
 //! undoes each step and gives the resources back.
 
+mod balloon;
 mod pci;
 mod persist;
 mod resources;
@@ -32,6 +33,7 @@ use kvm_ioctls::VmFd;
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub use balloon::lock as lock_balloon;
 pub use pci::PciDeviceState;
 pub use resources::{ResourceAllocator, Resources};
 use wiring::{clone_eventfds, queue_eventfds, register_notifies, unregister_notifies};
@@ -114,6 +116,9 @@ pub enum DeviceError {
     /// No device has this id.
     #[error("no device has id '{0}'")]
     NoSuchDevice(String),
+    /// The balloon cannot be made as configured.
+    #[error("--balloon: {0}")]
+    Balloon(String),
     /// Every slot of the PCI root bus is taken.
     #[error("too many devices: no PCI slot left")]
     NoPciSlot,
@@ -135,6 +140,8 @@ pub enum VirtioHandle {
     Block(Arc<Mutex<Block>>),
     /// virtio-net.
     Net(Arc<Mutex<Net<Tap>>>),
+    /// virtio-balloon.
+    Balloon(Arc<Mutex<devices::virtio::balloon::Balloon>>),
 }
 
 /// One attached virtio device.
@@ -163,6 +170,7 @@ struct Wired {
 enum DeviceSpec {
     Disk(DiskConfig),
     Net(NetConfig, String),
+    Balloon,
 }
 
 impl DeviceSpec {
@@ -171,6 +179,7 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Disk(d) => ("virtio-blk", d.path.display().to_string(), None),
             DeviceSpec::Net(n, tap) => ("virtio-net", tap.clone(), n.mac.map(|m| m.to_string())),
+            DeviceSpec::Balloon => ("virtio-balloon", "guest memory".into(), None),
         }
     }
 }
@@ -722,6 +731,7 @@ impl DeviceManager {
                     let s = devices::bus::lock_device(n, |n| n.stats());
                     nets.push(serde_json::json!({ "id": id, "stats": s }));
                 }
+                VirtioHandle::Balloon(_) => {}
             }
         }
         (disks, nets)

@@ -45,6 +45,8 @@ impl DeviceManager {
                     transport: lock_device(&e.transport, |t| t.save()),
                 })
                 .collect(),
+            balloon: self.balloon_state(),
+            pci: self.save_pci_state(),
         })
     }
 
@@ -93,6 +95,7 @@ impl DeviceManager {
             }
             lock_device(&e.transport, |t| t.restore(&st.transport))?;
         }
-        Ok(())
+        self.restore_pci_state(&s.pci)?;
+        self.restore_balloon(s.balloon.as_ref())
     }
 }

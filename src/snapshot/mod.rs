@@ -18,6 +18,7 @@ use devices::legacy::cmos::CmosState;
 use devices::legacy::i8042::I8042State;
 use devices::legacy::pvpanic::PvPanicState;
 use devices::legacy::serial::SerialDeviceState;
+use devices::virtio::balloon::BalloonState;
 use devices::virtio::mmio::MmioState;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,12 @@ pub struct DevicesState {
     pub pvpanic: Option<PvPanicState>,
     /// virtio devices in attach order.
     pub virtio: Vec<VirtioState>,
+    /// The balloon's own state (its transport's is in `virtio`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonState>,
+    /// virtio-pci devices in attach order (their placement and transport state).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pci: Vec<crate::device_manager::PciDeviceState>,
 }
 
 /// A VM's state (the state file's payload).
@@ -121,7 +128,7 @@ impl SnapshotState {
                 self.config.cpus.boot
             )));
         }
-        let devices = self.config.disks.len() + self.config.nets.len();
+        let devices = self.config.virtio_devices();
         if self.devices.virtio.len() != devices {
             return Err(SnapshotError::Invalid(format!(
                 "{} virtio device states for {devices} devices",

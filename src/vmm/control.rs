@@ -3,6 +3,7 @@
 use serde_json::json;
 
 use super::Vmm;
+use crate::api::balloon::with_balloon;
 use crate::api::firecracker::{self as fc, msg, ActionType, VmStateName};
 use crate::api::http::Response;
 use crate::api::{self, ApiRequest, EmberAction, EmberActionType, ShutdownMode};
@@ -40,7 +41,8 @@ impl Vmm {
             ApiRequest::Version => crate::session::version_response(),
             ApiRequest::VmConfig => {
                 let (b, m, d, n) = fc::describe(&self.config);
-                Response::json(200, fc::full_config(Some(&b), &m, &d, &n).to_string())
+                let full = fc::full_config(Some(&b), &m, &d, &n);
+                Response::json(200, with_balloon(full, &self.config).to_string())
             }
             ApiRequest::GetMachineConfig => Response::json(
                 200,
@@ -84,6 +86,7 @@ impl Vmm {
             }
             ApiRequest::SnapshotRevert(s) => self.revert_to(&s.name),
             ApiRequest::SnapshotDelete(s) => self.delete_named(&s.name),
+            ApiRequest::Balloon(b) => self.balloon_request(b),
         }
     }
 

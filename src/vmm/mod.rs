@@ -3,6 +3,7 @@
 //! VM's run ends ([`Vmm::run`]), answering the API between rounds. Building is separate from
 //! booting so a VM can also be brought up from saved state.
 
+mod balloon;
 mod control;
 pub mod cpuid;
 mod named;
@@ -235,6 +236,9 @@ impl Vmm {
         }
         for net in &cfg.nets {
             devices.attach_net(&mut events, net)?;
+        }
+        if let Some(b) = &cfg.balloon {
+            devices.attach_balloon(&mut events, b)?;
         }
         let vcpus = Self::create_vcpus(&vm, cfg, &plan, &devices, &run_state, &mem)?;
         Ok(Vmm {

@@ -54,7 +54,7 @@ impl Vmm {
             .virtio_devices()
             .filter_map(|(id, h)| match h {
                 VirtioHandle::Block(b) => Some((id.to_string(), b.clone())),
-                VirtioHandle::Net(_) => None,
+                VirtioHandle::Net(_) | VirtioHandle::Balloon(_) => None,
             })
             .collect()
     }

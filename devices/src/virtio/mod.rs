@@ -8,6 +8,7 @@
 //! [`VirtioInterrupt`], and a transport lists its notification addresses
 //! ([`VirtioTransport`]) for the device manager to wire.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
@@ -56,6 +57,8 @@ pub mod device_type {
     pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
+    /// Memory balloon.
+    pub const BALLOON: u32 = 5;
 }
 
 /// What a device tells its driver through [`VirtioInterrupt::trigger`].
@@ -192,6 +195,13 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Largest size of each queue.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many queues, from the first, the driver sets up with the features it accepted
+    /// (asked after [`Self::ack_features`]); queues past them may be left unset and are not
+    /// started. All of them, unless a queue exists only with a feature (virtio-balloon's
+    /// statistics and free page reporting queues).
+    fn queues_in_use(&self) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// Features the device offers.
     fn features(&self) -> u64;
     /// Features the driver accepted (a subset of [`Self::features`]).

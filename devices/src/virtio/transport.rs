@@ -233,26 +233,38 @@ impl VirtioCommon {
         }
     }
 
-    /// The driver's queues, checked; the device is started only if all are usable.
+    /// The queues the device uses with the accepted features (see
+    /// [`VirtioDevice::queues_in_use`]): the first ones; the driver may leave the rest unset.
+    fn used_queues(&self) -> &[QueueConfig] {
+        let n = self.device().queues_in_use().min(self.queues.len());
+        &self.queues[..n]
+    }
+
+    /// The driver's queues, checked; the device is started only if all it uses are usable.
     fn activate(&mut self, interrupt: &Arc<dyn VirtioInterrupt>) {
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
-        let queues = self
-            .queues
+        let used = self.used_queues();
+        let queues = used
             .iter()
             .enumerate()
             .map(|(i, c)| c.build(i, &self.mem, event_idx))
             .collect::<Result<Vec<Queue>, QueueSetupError>>()
-            .and_then(|q| check_layout(&self.queues).map(|()| q))
+            .and_then(|q| check_layout(used).map(|()| q))
             .map_err(ActivateError::BadQueue);
         let mem = self.mem.clone();
         let result = queues.and_then(|q| self.device().activate(mem, q, interrupt.clone()));
-        if let Err(e) = result {
-            self.log.warn(format_args!(
-                "{}: device not started at DRIVER_OK, it needs a reset: {}",
-                self.name,
-                error_chain(&e)
-            ));
-            interrupt.signal_needs_reset();
+        match result {
+            // Buffers a driver made available (and notified) before DRIVER_OK were not
+            // served: Linux's virtio-balloon posts its statistics buffer that way.
+            Ok(()) => self.wake_queues(),
+            Err(e) => {
+                self.log.warn(format_args!(
+                    "{}: device not started at DRIVER_OK, it needs a reset: {}",
+                    self.name,
+                    error_chain(&e)
+                ));
+                interrupt.signal_needs_reset();
+            }
         }
     }
 
@@ -318,16 +330,17 @@ impl VirtioCommon {
 
     fn restore_queues(&self, st: &CommonState) -> Result<Vec<Queue>, StateError> {
         let err = |m: String| StateError::new(self.name, m);
-        if st.positions.len() != self.queues.len() {
+        let used = self.used_queues();
+        if st.positions.len() != used.len() {
             return Err(err(format!(
                 "{} queue positions for {} queues",
                 st.positions.len(),
-                self.queues.len()
+                used.len()
             )));
         }
         let event_idx = st.driver_features & features::RING_EVENT_IDX != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, (c, pos)) in self.queues.iter().zip(&st.positions).enumerate() {
+        let mut queues = Vec::with_capacity(used.len());
+        for (i, (c, pos)) in used.iter().zip(&st.positions).enumerate() {
             let mut q = c
                 .build(i, &self.mem, event_idx)
                 .map_err(|e| err(error_chain(&e)))?;
@@ -335,7 +348,7 @@ impl VirtioCommon {
             q.set_next_used(pos.next_used);
             queues.push(q);
         }
-        check_layout(&self.queues).map_err(|e| err(error_chain(&e)))?;
+        check_layout(used).map_err(|e| err(error_chain(&e)))?;
         Ok(queues)
     }
 }
