@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::Value;
 
 /// The first bytes of every Ember state file.
 pub const MAGIC: &[u8; 8] = b"EMBERSNP";
@@ -90,8 +91,13 @@ pub fn encode<T: Serialize>(state: &T) -> Vec<u8> {
     out
 }
 
-/// Decodes a file image (`path` names it in errors).
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, FormatError> {
+/// Decodes a file image (`path` names it in errors). Every field of the JSON must be one the
+/// state knows, at any depth: a field this Ember would drop (written by a newer one, or
+/// made up) is refused rather than lost.
+pub fn decode<T: DeserializeOwned + Serialize>(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<T, FormatError> {
     let shown = || path.display().to_string();
     let corrupt = |what: String| FormatError::Corrupt {
         path: shown(),
@@ -131,10 +137,43 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, Forma
     if crc32fast::hash(payload) != word(24) {
         return Err(corrupt("the checksum does not match".into()));
     }
-    serde_json::from_slice(payload).map_err(|e| FormatError::Parse {
+    let parse = |message: String| FormatError::Parse {
         path: shown(),
-        message: e.to_string(),
-    })
+        message,
+    };
+    let given: Value = serde_json::from_slice(payload).map_err(|e| parse(e.to_string()))?;
+    let state = T::deserialize(&given).map_err(|e| parse(e.to_string()))?;
+    let kept = serde_json::to_value(&state).map_err(|e| parse(e.to_string()))?;
+    if let Some(field) = dropped_field(&given, &kept, "") {
+        return Err(parse(format!("unknown field `{field}`")));
+    }
+    Ok(state)
+}
+
+/// The first field of `given` (by its dotted path) that did not survive into `kept`, the
+/// same state parsed and written again. Fields given as `null` may be left out when
+/// written.
+fn dropped_field(given: &Value, kept: &Value, at: &str) -> Option<String> {
+    let inner = |key: &str| {
+        if at.is_empty() {
+            key.to_string()
+        } else {
+            format!("{at}.{key}")
+        }
+    };
+    match (given, kept) {
+        (Value::Object(g), Value::Object(k)) => g.iter().find_map(|(key, v)| match k.get(key) {
+            Some(kv) => dropped_field(v, kv, &inner(key)),
+            None if v.is_null() => None,
+            None => Some(inner(key)),
+        }),
+        (Value::Array(g), Value::Array(k)) => g
+            .iter()
+            .zip(k)
+            .enumerate()
+            .find_map(|(i, (gv, kv))| dropped_field(gv, kv, &inner(&i.to_string()))),
+        _ => None,
+    }
 }
 
 /// Writes `state` to `path` durably: a temporary file, synced, renamed over `path`.
@@ -148,7 +187,7 @@ pub fn write_file<T: Serialize>(path: &Path, state: &T) -> Result<(), FormatErro
 }
 
 /// Reads and checks the state file at `path`.
-pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+pub fn read_file<T: DeserializeOwned + Serialize>(path: &Path) -> Result<T, FormatError> {
     let f = File::open(path).map_err(io_err(path, "cannot open"))?;
     let size = f.metadata().map_err(io_err(path, "cannot stat"))?.len();
     if size > MAX_PAYLOAD + HEADER_LEN as u64 {
@@ -172,6 +211,20 @@ mod tests {
     struct S {
         a: u32,
         b: String,
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Outer {
+        inner: Vec<S>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    }
+
+    /// A file image around `payload`, with a correct header.
+    fn image(payload: &[u8]) -> Vec<u8> {
+        let mut out = header(payload).to_vec();
+        out.extend_from_slice(payload);
+        out
     }
 
     fn sample() -> Vec<u8> {
@@ -206,6 +259,36 @@ mod tests {
             let reserved = (12..16).contains(&i) || (28..32).contains(&i);
             assert_eq!(decode::<S>(&bad, p).is_err(), !reserved, "flip at {i}");
         }
+    }
+
+    #[test]
+    fn a_field_unknown_at_any_depth_is_refused_by_its_path() {
+        let p = Path::new("t.snap");
+        let good = br#"{"inner":[{"a":1,"b":"x"},{"a":2,"b":"y"}]}"#;
+        assert_eq!(decode::<Outer>(&image(good), p).unwrap().inner.len(), 2);
+        let cases = [
+            (&br#"{"inner":[],"extra":0}"#[..], "`extra`"),
+            (
+                br#"{"inner":[{"a":1,"b":"x"},{"a":2,"b":"y","c":3}]}"#,
+                "`inner.1.c`",
+            ),
+        ];
+        for (payload, field) in cases {
+            let e = decode::<Outer>(&image(payload), p).unwrap_err();
+            assert!(matches!(e, FormatError::Parse { .. }), "{e}");
+            assert!(
+                e.to_string().ends_with(&format!("unknown field {field}")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_null_for_a_field_written_only_when_set_is_accepted() {
+        let p = Path::new("t.snap");
+        let payload = br#"{"inner":[],"note":null}"#;
+        let s = decode::<Outer>(&image(payload), p).unwrap();
+        assert_eq!(s.note, None);
     }
 
     #[test]
