@@ -25,6 +25,8 @@ const STEP_LIMIT: Duration = Duration::from_secs(600);
 const FLAGS: &str = "console=ttyS0 quiet tsc=reliable no_timer_check";
 /// How many numbered lines the guest prints while the snapshot is taken.
 const LINES: u32 = 60;
+/// Only errors logged (Ember's own modules named: a bare `error` leaves them on).
+const QUIET: &str = "error,ember=error,devices=error,boot=error";
 
 /// A network namespace with one tap (`tap`, host side 10.0.2.1/24); deleted on drop.
 struct Netns(String);
@@ -77,7 +79,7 @@ impl Netns {
             .env("EMBER_STATE_DIR", state)
             .env("EMBER_CONFIG_DIR", config)
             .env("EMBER_DATA_DIR", data)
-            .env("RUST_LOG", "error");
+            .env("RUST_LOG", QUIET);
         c
     }
 }
@@ -189,7 +191,7 @@ struct Vms {
 impl Vms {
     fn ember(&self) -> Command {
         let mut c = ember();
-        c.env("EMBER_DATA_DIR", &self.data).env("RUST_LOG", "error");
+        c.env("EMBER_DATA_DIR", &self.data).env("RUST_LOG", QUIET);
         c
     }
 
