@@ -8,9 +8,10 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use serde_json::Value;
+use std::fmt;
+
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 
 /// The first bytes of every Ember state file.
 pub const MAGIC: &[u8; 8] = b"EMBERSNP";
@@ -141,19 +142,96 @@ pub fn decode<T: DeserializeOwned + Serialize>(
         path: shown(),
         message,
     };
-    let given: Value = serde_json::from_slice(payload).map_err(|e| parse(e.to_string()))?;
-    let state = T::deserialize(&given).map_err(|e| parse(e.to_string()))?;
-    let kept = serde_json::to_value(&state).map_err(|e| parse(e.to_string()))?;
+    let state: T = serde_json::from_slice(payload).map_err(|e| parse(e.to_string()))?;
+    let given: Shape = serde_json::from_slice(payload).map_err(|e| parse(e.to_string()))?;
+    let kept: Shape = serde_json::to_vec(&state)
+        .and_then(|b| serde_json::from_slice(&b))
+        .map_err(|e| parse(e.to_string()))?;
     if let Some(field) = dropped_field(&given, &kept, "") {
         return Err(parse(format!("unknown field `{field}`")));
     }
     Ok(state)
 }
 
+/// The shape of a JSON document: its objects' keys, and which array elements are objects
+/// or arrays, without the values (an array of numbers costs nothing to keep).
+#[derive(Debug, PartialEq)]
+enum Shape {
+    /// `null`.
+    Null,
+    /// A number, string or boolean.
+    Leaf,
+    /// An object's fields.
+    Object(Vec<(String, Shape)>),
+    /// An array's elements that are not leaves, by index.
+    Array(Vec<(usize, Shape)>),
+}
+
+struct ShapeVisitor;
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
+        Ok(Shape::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut inner = Vec::new();
+        let mut i = 0;
+        while let Some(v) = seq.next_element::<Shape>()? {
+            if !matches!(v, Shape::Leaf | Shape::Null) {
+                inner.push((i, v));
+            }
+            i += 1;
+        }
+        Ok(Shape::Array(inner))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut fields = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let v = map.next_value::<Shape>()?;
+            fields.push((key, v));
+        }
+        Ok(Shape::Object(fields))
+    }
+}
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Shape, D::Error> {
+        d.deserialize_any(ShapeVisitor)
+    }
+}
+
 /// The first field of `given` (by its dotted path) that did not survive into `kept`, the
 /// same state parsed and written again. Fields given as `null` may be left out when
 /// written.
-fn dropped_field(given: &Value, kept: &Value, at: &str) -> Option<String> {
+fn dropped_field(given: &Shape, kept: &Shape, at: &str) -> Option<String> {
     let inner = |key: &str| {
         if at.is_empty() {
             key.to_string()
@@ -162,16 +240,18 @@ fn dropped_field(given: &Value, kept: &Value, at: &str) -> Option<String> {
         }
     };
     match (given, kept) {
-        (Value::Object(g), Value::Object(k)) => g.iter().find_map(|(key, v)| match k.get(key) {
-            Some(kv) => dropped_field(v, kv, &inner(key)),
-            None if v.is_null() => None,
-            None => Some(inner(key)),
+        (Shape::Object(g), Shape::Object(k)) => {
+            g.iter()
+                .find_map(|(key, v)| match k.iter().find(|(kk, _)| kk == key) {
+                    Some((_, kv)) => dropped_field(v, kv, &inner(key)),
+                    None if *v == Shape::Null => None,
+                    None => Some(inner(key)),
+                })
+        }
+        (Shape::Array(g), Shape::Array(k)) => g.iter().find_map(|(i, gv)| {
+            let (_, kv) = k.iter().find(|(ki, _)| ki == i)?;
+            dropped_field(gv, kv, &inner(&i.to_string()))
         }),
-        (Value::Array(g), Value::Array(k)) => g
-            .iter()
-            .zip(k)
-            .enumerate()
-            .find_map(|(i, (gv, kv))| dropped_field(gv, kv, &inner(&i.to_string()))),
         _ => None,
     }
 }
