@@ -431,7 +431,7 @@ fn save_then_two_restores_of_one_file_both_go_on_at_the_next_tick() {
     let (n, _) = assert_one_count(&before, &after_a);
     assert!(n >= 3, "saved after tick {n}");
     assert_one_count(&before, &after_b);
-    assert_eq!(ticks(&first)[0], n + 1);
+    assert!(ticks(&first)[0] <= n + 2, "restored past tick {n}: {first}");
     assert!(
         latency < Duration::from_secs(5),
         "first tick {latency:?} after exec"
@@ -899,7 +899,9 @@ fn named_snapshots_on_a_qcow2_disk_create_list_revert_and_delete() {
     let line = lab.refused(2, &["snapshot-create-as", &a, "s1"]);
     assert!(line.contains("already has a snapshot named 's1'"), "{line}");
     lab.ok(&["suspend", &a]);
-    let n = last_tick(&lab.console(&a));
+    // What it printed up to s2 (perhaps ending in a cut line).
+    let at_s2 = lab.console(&a);
+    let n = last_tick(&at_s2);
     lab.ok(&["snapshot-create-as", &a, "s2"]);
     assert_eq!(
         lab.list_state(&a).as_deref(),
@@ -947,14 +949,18 @@ fn named_snapshots_on_a_qcow2_disk_create_list_revert_and_delete() {
     assert_eq!(lab.list_state(&a).as_deref(), Some("paused"));
     lab.ok(&["resume", &a]);
     let after = console_after(&lab, &a, mark, |t| ticks(t).len() >= 2);
-    assert_eq!(ticks(&after)[..2], [n + 1, n + 2], "{after}");
+    assert_one_count(&at_s2, &after);
 
-    // Back to s1: running, at a tick before n.
-    let mark = lab.console(&a).len();
+    // Back to s1, taken before s2: running, at a tick before the ones just seen.
+    let seen = lab.console(&a);
     lab.ok(&["snapshot-revert", &a, "s1"]);
-    let after = console_after(&lab, &a, mark, |t| ticks(t).len() >= 2);
+    let after = console_after(&lab, &a, seen.len(), |t| ticks(t).len() >= 2);
     let back = ticks(&after);
-    assert!(back[0] <= n && back[1] == back[0] + 1, "after s1: {after}");
+    assert!(back[0] <= n + 1, "s1 was taken before tick {n}: {after}");
+    assert!(
+        back[0] + 1 < last_tick(&seen) && back[1] == back[0] + 1,
+        "after s1: {after}"
+    );
 
     lab.ok(&["snapshot-delete", &a, "s1"]);
     assert!(!qemu_snapshots(&qcow2).contains(" s1 "));
@@ -968,7 +974,7 @@ fn named_snapshots_on_a_qcow2_disk_create_list_revert_and_delete() {
     assert_eq!(lab.list_state(&a).as_deref(), Some("paused"));
     lab.ok(&["resume", &a]);
     let after = lab.wait_console(&a, |t| ticks(t).len() >= 2);
-    assert_eq!(ticks(&after)[..2], [n + 1, n + 2], "{after}");
+    assert_one_count(&at_s2, &after);
     lab.ok(&["destroy", &a]);
     lab.ok(&["snapshot-delete", &a, "s2"]);
     assert!(!qemu_snapshots(&qcow2).contains(" s2 "));
