@@ -147,16 +147,20 @@ impl Console {
         self.input.flush().unwrap();
     }
 
-    /// Waits until the output after `from` holds `marker`; returns the rest of its line from
-    /// the marker on. Markers are printed as `$((..))` sums so the echo of the typed command
-    /// never matches (a background job's line may follow a prompt).
+    /// Waits until the output after `from` holds `marker` and the end of its line; returns
+    /// the line from the marker on. Markers are printed as `$((..))` sums so the echo of the
+    /// typed command never matches (a background job's line may follow a prompt).
     fn expect(&self, from: usize, marker: &str, limit: Duration) -> String {
         let end = Instant::now() + limit;
         loop {
             let text = self.text();
             let after = text.get(from..).unwrap_or("");
-            if let Some(at) = after.find(marker) {
-                return after[at..].lines().next().unwrap_or("").to_string();
+            if let Some(line) = after
+                .find(marker)
+                .and_then(|at| after[at..].split_once('\n'))
+                .map(|(line, _)| line)
+            {
+                return line.to_string();
             }
             assert!(
                 Instant::now() < end,
