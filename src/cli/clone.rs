@@ -28,7 +28,10 @@ pub struct CloneArgs {
     pub linked: bool,
 }
 
-fn default_path(original: &Path, name: &str, linked: bool) -> PathBuf {
+/// Where the clone's copy of disk `id` at `original` goes when no -f says:
+/// `STEM-NAME.EXT` beside it (`.qcow2` for a linked clone), or `STEM-NAME-ID.EXT` when an
+/// earlier disk of the clone took that name (`a.qcow2` and `a.raw` linked).
+fn default_path(original: &Path, id: &str, name: &str, linked: bool, taken: &[PathBuf]) -> PathBuf {
     let stem = original
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -41,7 +44,37 @@ fn default_path(original: &Path, name: &str, linked: bool) -> PathBuf {
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_else(|| "img".into())
     };
-    original.with_file_name(format!("{stem}-{name}.{ext}"))
+    let plain = original.with_file_name(format!("{stem}-{name}.{ext}"));
+    if taken.contains(&plain) {
+        return original.with_file_name(format!("{stem}-{name}-{id}.{ext}"));
+    }
+    plain
+}
+
+/// Where each disk of `cfg` goes: the -f paths, or the defaults; no two the same.
+fn targets(cfg: &crate::config::VmConfig, a: &CloneArgs) -> Result<Vec<PathBuf>, Failure> {
+    if !a.file.is_empty() && a.file.len() != cfg.disks.len() {
+        return Err(Failure::usage(format!(
+            "{} -f given for {} disks",
+            a.file.len(),
+            cfg.disks.len()
+        )));
+    }
+    let mut out: Vec<PathBuf> = Vec::with_capacity(cfg.disks.len());
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let target = match a.file.get(i) {
+            Some(f) => std::path::absolute(f).map_err(|e| Failure::usage(e.to_string()))?,
+            None => default_path(&d.path, d.id(), &a.name, a.linked, &out),
+        };
+        if out.contains(&target) {
+            return Err(Failure::usage(format!(
+                "-f {} is given for two disks",
+                target.display()
+            )));
+        }
+        out.push(target);
+    }
+    Ok(out)
 }
 
 fn img(args: &[&std::ffi::OsStr]) -> Result<(), Failure> {
@@ -145,20 +178,9 @@ pub fn run(a: CloneArgs) -> ExitCode {
                 )));
             }
         }
-        if !a.file.is_empty() && a.file.len() != cfg.disks.len() {
-            return Err(Failure::usage(format!(
-                "{} -f given for {} disks",
-                a.file.len(),
-                cfg.disks.len()
-            )));
-        }
+        let targets = targets(&cfg, &a)?;
         let mut made = Vec::new();
-        for (i, d) in cfg.disks.iter_mut().enumerate() {
-            let target = a
-                .file
-                .get(i)
-                .cloned()
-                .unwrap_or_else(|| default_path(&d.path, &a.name, a.linked));
+        for (d, target) in cfg.disks.iter_mut().zip(targets) {
             if let Err(f) = copy_disk(&d.path, d.format, &target, a.linked) {
                 for m in &made {
                     let _ = std::fs::remove_file(m);
@@ -185,4 +207,59 @@ pub fn run(a: CloneArgs) -> ExitCode {
         outln!("Clone '{}' created successfully.", a.name);
         Ok(())
     })())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DiskConfig, VmConfig};
+
+    fn vm(disks: &[&str]) -> VmConfig {
+        let mut cfg = VmConfig::new("web", PathBuf::from("/k"));
+        cfg.disks = disks
+            .iter()
+            .map(|d| DiskConfig::parse(d).unwrap())
+            .collect();
+        cfg.normalize("web");
+        cfg
+    }
+
+    fn args(linked: bool, file: &[&str]) -> CloneArgs {
+        CloneArgs {
+            original: "web".into(),
+            name: "copy".into(),
+            file: file.iter().map(PathBuf::from).collect(),
+            linked,
+        }
+    }
+
+    #[test]
+    fn disks_of_one_stem_get_distinct_default_names() {
+        let cfg = vm(&["path=/v/a.qcow2", "path=/v/a.raw,format=raw"]);
+        let linked = targets(&cfg, &args(true, &[])).unwrap();
+        assert_eq!(
+            linked,
+            [
+                PathBuf::from("/v/a-copy.qcow2"),
+                PathBuf::from("/v/a-copy-vdb.qcow2")
+            ]
+        );
+        let full = targets(&cfg, &args(false, &[])).unwrap();
+        assert_eq!(
+            full,
+            [
+                PathBuf::from("/v/a-copy.qcow2"),
+                PathBuf::from("/v/a-copy.raw")
+            ]
+        );
+    }
+
+    #[test]
+    fn one_file_for_two_disks_or_a_wrong_count_is_refused() {
+        let cfg = vm(&["path=/v/a.qcow2", "path=/v/b.qcow2"]);
+        let twice = targets(&cfg, &args(false, &["/v/c.qcow2", "/v/c.qcow2"]));
+        assert!(twice.unwrap_err().message.contains("given for two disks"));
+        let short = targets(&cfg, &args(false, &["/v/c.qcow2"]));
+        assert_eq!(short.unwrap_err().message, "1 -f given for 2 disks");
+    }
 }

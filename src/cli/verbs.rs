@@ -460,15 +460,43 @@ pub fn save(a: SaveArgs) -> ExitCode {
     })())
 }
 
+/// Checks the snapshot at `file` as far as it can be without building its VM (the state
+/// file, the state, the memory file); returns the saved VM's name.
+fn check_restorable(file: &std::path::Path) -> Result<String, Failure> {
+    use crate::snapshot::{self, SnapshotError, SnapshotState};
+    let refused = |e: SnapshotError| Failure::usage(crate::error_chain(&e));
+    let state: SnapshotState = snapshot::format::read_file(file).map_err(|e| refused(e.into()))?;
+    state.check().map_err(|e| {
+        Failure::usage(format!(
+            "{}: cannot be restored: {}",
+            file.display(),
+            crate::error_chain(&e)
+        ))
+    })?;
+    let memory = snapshot::memory_path_for(file);
+    snapshot::memory::check_file(&memory, &state.memory, state.config.memory.0)
+        .map_err(|e| refused(e.into()))?;
+    Ok(state.config.name)
+}
+
 /// `ember restore FILE [--name N] [--paused]`: the VM runs on in the background.
 pub fn restore(a: RestoreArgs) -> ExitCode {
-    let state: Result<crate::snapshot::SnapshotState, _> =
-        crate::snapshot::format::read_file(&a.file);
-    let saved_name = match state {
-        Ok(s) => s.config.name,
-        Err(e) => return finish(Err(Failure::usage(crate::error_chain(&e)))),
+    let saved_name = match check_restorable(&a.file) {
+        Ok(n) => n,
+        Err(f) => return finish(Err(f)),
     };
-    let name = a.name.unwrap_or(saved_name);
+    let name = match a.name {
+        Some(n) => n,
+        None => match crate::config::parse_name(&saved_name) {
+            Ok(n) => n,
+            Err(_) => {
+                return finish(Err(Failure::usage(format!(
+                    "{}: the saved VM name '{saved_name}' is not a valid name; give --name",
+                    a.file.display()
+                ))))
+            }
+        },
+    };
     if vmdir::find(&name).is_some() {
         return finish(Err(Failure::usage(format!(
             "a VM named '{name}' is already running; give another --name"

@@ -8,8 +8,10 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use std::fmt;
+
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 
 /// The first bytes of every Ember state file.
 pub const MAGIC: &[u8; 8] = b"EMBERSNP";
@@ -90,8 +92,13 @@ pub fn encode<T: Serialize>(state: &T) -> Vec<u8> {
     out
 }
 
-/// Decodes a file image (`path` names it in errors).
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, FormatError> {
+/// Decodes a file image (`path` names it in errors). Every field of the JSON must be one the
+/// state knows, at any depth: a field this Ember would drop (written by a newer one, or
+/// made up) is refused rather than lost.
+pub fn decode<T: DeserializeOwned + Serialize>(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<T, FormatError> {
     let shown = || path.display().to_string();
     let corrupt = |what: String| FormatError::Corrupt {
         path: shown(),
@@ -131,10 +138,122 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, Forma
     if crc32fast::hash(payload) != word(24) {
         return Err(corrupt("the checksum does not match".into()));
     }
-    serde_json::from_slice(payload).map_err(|e| FormatError::Parse {
+    let parse = |message: String| FormatError::Parse {
         path: shown(),
-        message: e.to_string(),
-    })
+        message,
+    };
+    let state: T = serde_json::from_slice(payload).map_err(|e| parse(e.to_string()))?;
+    let given: Shape = serde_json::from_slice(payload).map_err(|e| parse(e.to_string()))?;
+    let kept: Shape = serde_json::to_vec(&state)
+        .and_then(|b| serde_json::from_slice(&b))
+        .map_err(|e| parse(e.to_string()))?;
+    if let Some(field) = dropped_field(&given, &kept, "") {
+        return Err(parse(format!("unknown field `{field}`")));
+    }
+    Ok(state)
+}
+
+/// The shape of a JSON document: its objects' keys, and which array elements are objects
+/// or arrays, without the values (an array of numbers costs nothing to keep).
+#[derive(Debug, PartialEq)]
+enum Shape {
+    /// `null`.
+    Null,
+    /// A number, string or boolean.
+    Leaf,
+    /// An object's fields.
+    Object(Vec<(String, Shape)>),
+    /// An array's elements that are not leaves, by index.
+    Array(Vec<(usize, Shape)>),
+}
+
+struct ShapeVisitor;
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::Leaf)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
+        Ok(Shape::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut inner = Vec::new();
+        let mut i = 0;
+        while let Some(v) = seq.next_element::<Shape>()? {
+            if !matches!(v, Shape::Leaf | Shape::Null) {
+                inner.push((i, v));
+            }
+            i += 1;
+        }
+        Ok(Shape::Array(inner))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut fields = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let v = map.next_value::<Shape>()?;
+            fields.push((key, v));
+        }
+        Ok(Shape::Object(fields))
+    }
+}
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Shape, D::Error> {
+        d.deserialize_any(ShapeVisitor)
+    }
+}
+
+/// The first field of `given` (by its dotted path) that did not survive into `kept`, the
+/// same state parsed and written again. Fields given as `null` may be left out when
+/// written.
+fn dropped_field(given: &Shape, kept: &Shape, at: &str) -> Option<String> {
+    let inner = |key: &str| {
+        if at.is_empty() {
+            key.to_string()
+        } else {
+            format!("{at}.{key}")
+        }
+    };
+    match (given, kept) {
+        (Shape::Object(g), Shape::Object(k)) => {
+            g.iter()
+                .find_map(|(key, v)| match k.iter().find(|(kk, _)| kk == key) {
+                    Some((_, kv)) => dropped_field(v, kv, &inner(key)),
+                    None if *v == Shape::Null => None,
+                    None => Some(inner(key)),
+                })
+        }
+        (Shape::Array(g), Shape::Array(k)) => g.iter().find_map(|(i, gv)| {
+            let (_, kv) = k.iter().find(|(ki, _)| ki == i)?;
+            dropped_field(gv, kv, &inner(&i.to_string()))
+        }),
+        _ => None,
+    }
 }
 
 /// Writes `state` to `path` durably: a temporary file, synced, renamed over `path`.
@@ -148,7 +267,7 @@ pub fn write_file<T: Serialize>(path: &Path, state: &T) -> Result<(), FormatErro
 }
 
 /// Reads and checks the state file at `path`.
-pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+pub fn read_file<T: DeserializeOwned + Serialize>(path: &Path) -> Result<T, FormatError> {
     let f = File::open(path).map_err(io_err(path, "cannot open"))?;
     let size = f.metadata().map_err(io_err(path, "cannot stat"))?.len();
     if size > MAX_PAYLOAD + HEADER_LEN as u64 {
@@ -172,6 +291,20 @@ mod tests {
     struct S {
         a: u32,
         b: String,
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Outer {
+        inner: Vec<S>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    }
+
+    /// A file image around `payload`, with a correct header.
+    fn image(payload: &[u8]) -> Vec<u8> {
+        let mut out = header(payload).to_vec();
+        out.extend_from_slice(payload);
+        out
     }
 
     fn sample() -> Vec<u8> {
@@ -206,6 +339,36 @@ mod tests {
             let reserved = (12..16).contains(&i) || (28..32).contains(&i);
             assert_eq!(decode::<S>(&bad, p).is_err(), !reserved, "flip at {i}");
         }
+    }
+
+    #[test]
+    fn a_field_unknown_at_any_depth_is_refused_by_its_path() {
+        let p = Path::new("t.snap");
+        let good = br#"{"inner":[{"a":1,"b":"x"},{"a":2,"b":"y"}]}"#;
+        assert_eq!(decode::<Outer>(&image(good), p).unwrap().inner.len(), 2);
+        let cases = [
+            (&br#"{"inner":[],"extra":0}"#[..], "`extra`"),
+            (
+                br#"{"inner":[{"a":1,"b":"x"},{"a":2,"b":"y","c":3}]}"#,
+                "`inner.1.c`",
+            ),
+        ];
+        for (payload, field) in cases {
+            let e = decode::<Outer>(&image(payload), p).unwrap_err();
+            assert!(matches!(e, FormatError::Parse { .. }), "{e}");
+            assert!(
+                e.to_string().ends_with(&format!("unknown field {field}")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_null_for_a_field_written_only_when_set_is_accepted() {
+        let p = Path::new("t.snap");
+        let payload = br#"{"inner":[],"note":null}"#;
+        let s = decode::<Outer>(&image(payload), p).unwrap();
+        assert_eq!(s.note, None);
     }
 
     #[test]

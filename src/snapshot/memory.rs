@@ -121,13 +121,22 @@ fn write_sparse(f: &File, bytes: &[u8], at: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Maps `path` as guest memory with the `layout` a snapshot recorded, privately (writes do
-/// not reach the file). `expected` is the guest RAM the VM's configuration says.
-pub fn map(
+/// Checks that the memory file at `path` holds the `layout` a snapshot recorded for
+/// `expected` bytes of guest RAM (what [`map`] checks before it maps anything).
+pub fn check_file(
     path: &Path,
     layout: &[MemoryRegion],
     expected: u64,
-) -> Result<GuestMemoryMmap, MemoryFileError> {
+) -> Result<(), MemoryFileError> {
+    open_checked(path, layout, expected).map(drop)
+}
+
+/// Opens `path` and checks it against `layout` and `expected`.
+fn open_checked(
+    path: &Path,
+    layout: &[MemoryRegion],
+    expected: u64,
+) -> Result<File, MemoryFileError> {
     let mismatch = |what: String| MemoryFileError::Mismatch {
         path: path.display().to_string(),
         what,
@@ -142,19 +151,37 @@ pub fn map(
             .all(|(r, (g, l))| r.guest == g.0 && r.len == *l);
     if !same {
         return Err(mismatch(format!(
-            "its regions do not match {} MiB of guest RAM",
+            "the snapshot's memory layout does not match the {} MiB of guest RAM its \
+             configuration says",
             expected >> 20
         )));
     }
-    let mut regions = Vec::with_capacity(layout.len());
     for r in layout {
         let end = r.offset.checked_add(r.len).filter(|e| *e <= size);
         if end.is_none() || r.offset % PAGE as u64 != 0 {
             return Err(mismatch(format!(
-                "the file holds {size} bytes, the snapshot needs {} at {}",
+                "the memory file holds {size} bytes; the snapshot needs {} at offset {}",
                 r.len, r.offset
             )));
         }
+    }
+    Ok(f)
+}
+
+/// Maps `path` as guest memory with the `layout` a snapshot recorded, privately (writes do
+/// not reach the file). `expected` is the guest RAM the VM's configuration says.
+pub fn map(
+    path: &Path,
+    layout: &[MemoryRegion],
+    expected: u64,
+) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let mismatch = |what: String| MemoryFileError::Mismatch {
+        path: path.display().to_string(),
+        what,
+    };
+    let f = open_checked(path, layout, expected)?;
+    let mut regions = Vec::with_capacity(layout.len());
+    for r in layout {
         let file = f.try_clone().map_err(io_err(path, "cannot duplicate"))?;
         let bitmap = <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(
             r.len as usize,

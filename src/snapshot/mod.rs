@@ -135,6 +135,20 @@ impl SnapshotState {
                 self.devices.virtio.len()
             )));
         }
+        let ids: Vec<&str> = (self.config.disks.iter().map(|d| d.id()))
+            .chain(self.config.nets.iter().map(|n| n.id()))
+            .collect();
+        if let Some(v) = self
+            .devices
+            .virtio
+            .iter()
+            .find(|v| !ids.contains(&v.id.as_str()))
+        {
+            return Err(SnapshotError::Invalid(format!(
+                "virtio device state {} is for no disk or NIC of its configuration",
+                v.id
+            )));
+        }
         if self.devices.pvpanic.is_some() != self.config.pvpanic {
             return Err(SnapshotError::Invalid(
                 "pvpanic state and configuration disagree".into(),

@@ -105,6 +105,8 @@ impl VmmError {
                 | DeviceError::DuplicateId(_),
             ) => true,
             VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
+            // A state or memory file this VM cannot be built from is the file's fault.
+            VmmError::Snapshot(e) => !matches!(**e, crate::snapshot::SnapshotError::Vcpu(_)),
             _ => false,
         }
     }
