@@ -5,6 +5,7 @@ pub mod console;
 pub mod defs;
 pub mod detach;
 pub mod run;
+pub mod test;
 pub mod verbs;
 
 use std::process::ExitCode;
