@@ -356,7 +356,14 @@ impl Runner<'_> {
         if let Some(g) = job.group {
             let snap = match &lock(&self.sched).groups[g] {
                 GroupState::Ready(s) => s.clone(),
-                GroupState::Failed(m) => return Err(format!("the shared boot failed: {m}")),
+                GroupState::Failed(m) => {
+                    return Err(format!(
+                        "case '{}' ({}:{}): the shared boot failed: {m}",
+                        case.name,
+                        fp.file.path.display(),
+                        case.line
+                    ))
+                }
                 GroupState::Waiting | GroupState::Booting => {
                     return Err("the shared boot did not run".into())
                 }

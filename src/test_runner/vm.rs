@@ -347,6 +347,47 @@ mod tests {
     }
 
     #[test]
+    fn a_console_flood_is_read_to_the_end_with_bounded_log_and_memory() {
+        // Arrange: 64 MiB in one line, then a line the case expects.
+        let cancel = AtomicBool::new(false);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut log = LogFile::create(&path, 1 << 20).unwrap();
+        let mut watcher = Watcher::new(crate::test_runner::watch::WatchSpec {
+            expect: vec![regex::Regex::new("^END$").unwrap()],
+            ..Default::default()
+        });
+        let script = "head -c 67108864 /dev/zero | tr '\\0' x; echo; echo END";
+        let args: Vec<OsString> = ["-c", script].iter().map(OsString::from).collect();
+        let mut vm = VmProcess::spawn(Path::new("/bin/sh"), &args).unwrap();
+
+        // Act
+        let ended = vm
+            .drive(&mut Drive {
+                watcher: &mut watcher,
+                log: &mut log,
+                deadline: Instant::now() + Duration::from_secs(120),
+                stop_on_ready: false,
+                command: None,
+                started_at: None,
+                cancel: &cancel,
+            })
+            .unwrap();
+        let dropped = log.dropped;
+        log.finish().unwrap();
+
+        // Assert
+        assert!(
+            matches!(ended, Ended::Exited(s) if s.success()),
+            "{ended:?}"
+        );
+        assert!(watcher.missing_expect().is_none());
+        assert_eq!(dropped, (64 << 20) + 1 + 4 - (1 << 20));
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < (1 << 20) + 200, "{size}");
+    }
+
+    #[test]
     fn a_hung_process_times_out_and_is_stopped() {
         // Arrange
         let cancel = AtomicBool::new(false);
