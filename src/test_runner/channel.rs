@@ -1,13 +1,14 @@
 //! How a case's command reaches the guest kit's init and how its exit status comes back:
-//! the serial console, in lines.
+//! the serial console.
 //!
 //! With `ember.test=serial` on the kernel command line, `tests/guest/rootfs/init` turns off
-//! the console's echo, prints [`READY_LINE`] and reads lines from the console until
-//! [`END_LINE`]; it prints [`START_LINE`], runs what it read in its own shell (`eval`: every
-//! fork costs seconds where guest kernel code is emulated, and the VM is thrown away after
-//! the case, so nothing leaks into another case), prints `ember-test: exit=N` and powers off.
-//! A shared boot's snapshot is taken at the ready line, so every case that starts from it
-//! finds init waiting for its command.
+//! the console's echo, prints [`READY_LINE`] and waits for an empty line; it prints
+//! [`START_LINE`] and sources the console up to end-of-file (Ctrl-D at the start of a line),
+//! so the command runs in init's own shell, read a line per system call (the `read` builtin
+//! takes one per byte, and each costs milliseconds where guest kernel code is emulated),
+//! without a fork (seconds there); the VM is thrown away after the case, so nothing leaks
+//! into another case. Then it prints `ember-test: exit=N` and powers off. A shared boot's
+//! snapshot is taken at the ready line, so every case that starts from it finds init waiting.
 
 /// What `ember test` adds to the kernel command line of a boot whose cases run commands.
 pub const CMDLINE_WORD: &str = "ember.test=serial";
@@ -15,20 +16,21 @@ pub const CMDLINE_WORD: &str = "ember.test=serial";
 pub const READY_LINE: &str = "ember-test: ready";
 /// Init read the command and runs it now.
 pub const START_LINE: &str = "ember-test: start";
-/// The line after the command.
-pub const END_LINE: &str = "ember-test: end";
+/// What ends the command: end-of-file on a canonical-mode tty (Ctrl-D at a line's start).
+pub const END: u8 = 0x04;
 /// The start of the line with the command's exit status.
 pub const EXIT_PREFIX: &str = "ember-test: exit=";
 
-/// The bytes to write on the console for `command`.
+/// The bytes to write on the console for `command`: the empty line that says go, the
+/// command's lines, end-of-file.
 pub fn encode(command: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(command.len() + END_LINE.len() + 2);
+    let mut out = Vec::with_capacity(command.len() + 3);
+    out.push(b'\n');
     for line in command.lines() {
         out.extend_from_slice(line.as_bytes());
         out.push(b'\n');
     }
-    out.extend_from_slice(END_LINE.as_bytes());
-    out.push(b'\n');
+    out.push(END);
     out
 }
 
@@ -44,7 +46,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_multi_line_command_is_sent_line_by_line_then_the_end_line() {
+    fn a_multi_line_command_is_sent_after_an_empty_line_and_ended_by_eof() {
         // Arrange
         let cmd = "echo a\nif true; then\n  echo b\nfi";
 
@@ -54,7 +56,7 @@ mod tests {
         // Assert
         assert_eq!(
             String::from_utf8(bytes).unwrap(),
-            "echo a\nif true; then\n  echo b\nfi\nember-test: end\n"
+            "\necho a\nif true; then\n  echo b\nfi\n\x04"
         );
     }
 

@@ -100,7 +100,7 @@ impl Progress {
             *c
         };
         self.bar
-            .set_message(format!("cases done: {passed} passed, {failed} not"));
+            .set_message(format!("cases done: {passed} passed, {failed} failed"));
         self.bar.inc(1);
         let mut line = format!(
             "{:<7} {:>8} {}",

@@ -478,12 +478,6 @@ impl Ctx<'_> {
             ));
         }
         if run
-            .lines()
-            .any(|l| l == crate::test_runner::channel::END_LINE)
-        {
-            return Err(self.invalid(line, key, "a line is the channel's end marker"));
-        }
-        if run
             .chars()
             .any(|c| c.is_control() && c != '\n' && c != '\t')
         {

@@ -162,8 +162,8 @@ fn a_run_command_the_guest_cannot_read_is_refused() {
         "[boot]\nkernel = \"k\"\n[[case]]\nname = \"a\"\nrun = \"{long}\"\n"
     ));
     assert!(e.contains("case \"a\".run: a line of 4001 bytes"), "{e}");
-    let e = err("[boot]\nkernel = \"k\"\n[[case]]\nname = \"a\"\nrun = \"\"\"\necho\nember-test: end\n\"\"\"\n");
-    assert!(e.contains("end marker"), "{e}");
+    let e = err("[boot]\nkernel = \"k\"\n[[case]]\nname = \"a\"\nrun = \"echo \\u0004\"\n");
+    assert!(e.contains("control characters"), "{e}");
 }
 
 #[test]
