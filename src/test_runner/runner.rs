@@ -43,8 +43,10 @@ pub struct Outcome {
     pub interrupted: bool,
 }
 
-/// Bytes of the serial log in each case's JUnit/JSON record.
+/// Bytes of the serial log in a failed case's JUnit/JSON record.
 const LOG_TAIL: u64 = 64 * 1024;
+/// Bytes of the serial log in a passed case's record (thousands of them stay small).
+const LOG_TAIL_PASSED: u64 = 8 * 1024;
 /// How long a saved VM gets to write its snapshot and exit.
 const SAVE_LIMIT: Duration = Duration::from_secs(120);
 
@@ -337,7 +339,12 @@ impl Runner<'_> {
         };
         result.file = Some(fp.file.path.display().to_string());
         if job.log.is_file() {
-            result.log_tail = read_log_tail(&job.log, LOG_TAIL).unwrap_or_default();
+            let keep = if result.status == CaseStatus::Passed {
+                LOG_TAIL_PASSED
+            } else {
+                LOG_TAIL
+            };
+            result.log_tail = read_log_tail(&job.log, keep).unwrap_or_default();
             result.log_path = Some(job.log.clone());
         }
         self.progress.finished(&job.name, &result);
@@ -442,6 +449,15 @@ impl Runner<'_> {
             .drive(&mut drive)
             .map_err(|e| format!("reading the console: {e}"))?;
         let started_at = drive.started_at;
+        // On a terminal, Ctrl-C reaches the VMs too: one that died of it was interrupted.
+        let ended = match ended {
+            Ended::Exited(s)
+                if self.cancel.load(Ordering::SeqCst) && [130, 143].contains(&exit_code(s)) =>
+            {
+                Ended::Cancelled
+            }
+            other => other,
+        };
         if !matches!(ended, Ended::Exited(_)) {
             vm.stop();
             // What the stopped VM printed last is worth keeping in the log.
