@@ -5,7 +5,7 @@
 //! KTAP parser has its own limits).
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::Path;
 
 use regex::Regex;
@@ -184,10 +184,11 @@ impl Watcher {
     }
 }
 
-/// A case's serial log on disk, cut at a size limit.
+/// A case's serial log on disk, cut at a size limit. Written as the output arrives (a chunk
+/// per pipe read, no buffering here), so `tail -f` shows a running case.
 #[derive(Debug)]
 pub struct LogFile {
-    out: BufWriter<File>,
+    out: File,
     written: u64,
     limit: u64,
     /// Bytes not written (over the limit).
@@ -198,7 +199,7 @@ impl LogFile {
     /// Creates (truncates) the log at `path`.
     pub fn create(path: &Path, limit: u64) -> io::Result<Self> {
         Ok(LogFile {
-            out: BufWriter::new(File::create(path)?),
+            out: File::create(path)?,
             written: 0,
             limit,
             dropped: 0,
