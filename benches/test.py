@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--command", default="echo case-ok",
                     help="the shell command each case runs (must print case-ok)")
-    ap.add_argument("--limit", type=int, default=900)
+    ap.add_argument("--limit", type=int, default=1800, help="seconds per cold boot")
     args = ap.parse_args()
     kernel = os.path.join(GUEST, "vmlinux")
     initrd = os.path.join(GUEST, "initramfs.cpio")
@@ -159,11 +159,14 @@ def main():
     cold_times = {name: [] for name in cold}
     for i in range(args.cold):
         for name, argv in cold.items():
-            t = cold_case(argv, args.command, args.limit)
+            try:
+                t = cold_case(argv, args.command, args.limit)
+            except RuntimeError as e:
+                print(f"cold {i + 1} {name}: FAILED: {e}", file=sys.stderr)
+                continue
             cold_times[name].append(t)
             print(f"cold {i + 1} {name}: {t:.1f} s", file=sys.stderr)
 
-    ember_cold = statistics.mean(cold_times["ember run (cold boot each)"])
     load_after = os.getloadavg()[0]
     print(f"\nember test benchmark: {args.cases} cases on the guest kit (vmlinux + initramfs, "
           f"128 MiB, 1 vCPU), each running `{args.command}`")
@@ -174,10 +177,16 @@ def main():
     for name, (wall, boot, durs, starts) in rows.items():
         print(f"{name:34s} {wall:9.1f} {'(measured)':>13s} {boot:14.1f} {med(durs):11.3f} "
               f"{med(starts):12.3f} (max {max(starts):.3f})")
+    if not cold_times["ember run (cold boot each)"]:
+        sys.exit("no ember cold boot finished")
     for name, ts in cold_times.items():
+        if not ts:
+            print(f"{name:34s} {'(no run finished)':>24s}")
+            continue
         mean = statistics.mean(ts)
         print(f"{name:34s} {mean * args.cases:9.1f} {f'(est. from {len(ts)})':>13s} "
               f"{mean:11.3f} {'':>24s}")
+    ember_cold = statistics.mean(cold_times["ember run (cold boot each)"])
     wall1, _, durs1, _ = rows["ember test -j 1 (snapshot reset)"]
     marginal = med(durs1)
     print(f"\nsnapshot reset: a case costs {marginal:.3f} s (median), "
