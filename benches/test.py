@@ -185,13 +185,14 @@ def main():
             continue
         mean = statistics.mean(ts)
         print(f"{name:34s} {mean * args.cases:9.1f} {f'(est. from {len(ts)})':>13s} "
-              f"{mean:11.3f} {'':>24s}")
-    ember_cold = statistics.mean(cold_times["ember run (cold boot each)"])
+              f"{'-':>14s} {mean:11.3f}")
+    ember_runs = cold_times["ember run (cold boot each)"]
+    ember_cold = statistics.mean(ember_runs)
     wall1, _, durs1, _ = rows["ember test -j 1 (snapshot reset)"]
     marginal = med(durs1)
     print(f"\nsnapshot reset: a case costs {marginal:.3f} s (median), "
           f"{100 * marginal / ember_cold:.2f}% of an ember cold boot to the same result "
-          f"({ember_cold:.1f} s mean of {args.cold})")
+          f"({ember_cold:.1f} s mean of {len(ember_runs)})")
     wallj, _, _, _ = rows[f"ember test -j {args.jobs} (snapshot reset)"]
     print(f"-j {args.jobs} vs -j 1: {wallj:.1f} s vs {wall1:.1f} s total "
           f"(the shared boot is in both)")
