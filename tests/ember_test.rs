@@ -576,8 +576,8 @@ fn kunit_results_become_junit_with_kunit_py_counts() {
 [boot]
 kernel = "{}"
 cmdline = "console=ttyS0 tsc=reliable no_timer_check kunit.shutdown=poweroff"
-memory = "128M"
-timeout = "900s"
+memory = "64M"
+timeout = "2400s"
 
 [[case]]
 name = "kunit"
@@ -586,7 +586,7 @@ name = "kunit"
         ),
     );
 
-    let r = run(s.cmd(&[f.to_str().unwrap()]), Duration::from_secs(1800));
+    let r = run(s.cmd(&[f.to_str().unwrap()]), Duration::from_secs(3000));
 
     let report = s.json();
     let case = &report["cases"][0];
