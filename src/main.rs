@@ -83,6 +83,8 @@ enum Command {
     Edit(verbs::NameArg),
     /// Start a defined VM when `ember start --autostart` runs (at boot)
     Autostart(defs::AutostartArgs),
+    /// Run boot tests from TOML files: shared boots, snapshot reset per case, JUnit/JSON
+    Test(Box<ember::cli::test::TestArgs>),
     /// Create, inspect, convert and check disk images (like qemu-img)
     Img(ember::img::ImgArgs),
     /// Create, list and destroy host networks: bridges, NAT, DHCP (like virsh net-*)
@@ -127,6 +129,7 @@ fn main() -> ExitCode {
         Command::Dumpconfig(a) => defs::dumpconfig(a),
         Command::Edit(a) => defs::edit(a),
         Command::Autostart(a) => defs::autostart(a),
+        Command::Test(args) => ember::cli::test::test(*args),
         Command::Img(args) => ember::img::run(args),
         Command::Net(args) => ember::net::run_command(args),
     }

@@ -25,6 +25,7 @@ pub mod defs;
 pub mod detach;
 pub mod run;
 pub mod snapshots;
+pub mod test;
 pub mod verbs;
 
 use std::process::ExitCode;

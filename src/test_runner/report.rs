@@ -73,6 +73,14 @@ pub struct CaseResult {
     pub log_tail: String,
     /// What the guest reported in KTAP/TAP, one report per stream parsed.
     pub subtests: Vec<KtapReport>,
+    /// For a case that ran a command in the guest: from the case's start to the guest
+    /// starting the command.
+    #[serde(
+        rename = "command_start_secs",
+        serialize_with = "opt_as_secs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub command_start: Option<Duration>,
 }
 
 impl CaseResult {
@@ -87,6 +95,7 @@ impl CaseResult {
             log_path: None,
             log_tail: String::new(),
             subtests: Vec::new(),
+            command_start: None,
         }
     }
 
@@ -237,6 +246,13 @@ pub fn read_log_tail(path: &Path, max_bytes: u64) -> Result<String, ReportError>
 
 fn as_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
+}
+
+fn opt_as_secs<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
 }
 
 /// Most of a log tail that goes into `<system-out>`.

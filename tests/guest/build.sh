@@ -3,6 +3,8 @@
 #   vmlinux, bzImage        minimal Linux 6.1 (tests/guest/kernel.config + patches/*.patch)
 #   initramfs.cpio(.gz)     busybox + tests/guest/rootfs (init reads ember.run= / ember.end=)
 #   rootfs.ext4             the same tree as a 64 MiB ext4 root filesystem
+#   vmlinux-kunit           with --kunit only: the same kernel plus KUnit and a few of its
+#                           suites (tests/guest/kunit.config), for `ember test`'s KTAP check
 # Installs what it needs with apt-get on Debian. Cached twice: target/guest/ is reused when
 # its inputs did not change, and built artifacts are kept under $EMBER_GUEST_CACHE
 # (default ~/.cache/ember-guest) so a fresh checkout on the same machine skips the compile.
@@ -47,59 +49,78 @@ key_of() {
 	  printf '%s\n' "${extra[@]}"; } | sha256sum | cut -c1-16
 }
 
+# build_kernel TAG TARGETS FRAGMENT...: tinyconfig + the fragments + patches/ in its own tree
+# (target/guest/linux-6.1 for the kit, linux-6.1-TAG for a variant). TAG "kernel" is the
+# kit's kernel (vmlinux, bzImage, kernel.config); "kunit" the KUnit one (vmlinux-kunit,
+# kernel-kunit.config).
 build_kernel() {
-	local src_ver key dir tree
+	local tag=$1 targets=$2
+	shift 2
+	local frags=("$@")
+	local src_ver key dir tree suffix
+	suffix=$([ "$tag" = kernel ] || echo "-$tag")
 	src_ver=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-	key=$(key_of "$here/kernel.config" "$here/patches" "$here/build.sh" "linux-source-6.1=$src_ver")
-	dir="$cache/kernel-$key"
-	if [ -f "$out/.kernel-$key" ] && [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
-		log "kernel up to date ($key)"
+	key=$(key_of "${frags[@]}" "$here/patches" "$here/build.sh" "linux-source-6.1=$src_ver")
+	dir="$cache/$tag-$key"
+	if [ -f "$out/.$tag-$key" ] && [ -f "$out/vmlinux$suffix" ]; then
+		log "$tag up to date ($key)"
 		return
 	fi
-	if [ ! -f "$dir/bzImage" ]; then
-		tree="$out/linux-6.1"
+	if [ ! -f "$dir/vmlinux" ]; then
+		tree="$out/linux-6.1$suffix"
 		# A tree left by an earlier build is reused (an incremental rebuild) when it was made
 		# from the same source and patches; otherwise it is extracted afresh.
 		local tree_key
 		tree_key=$(key_of "$here/patches" "linux-source-6.1=$src_ver")
 		if [ "$(cat "$tree/.ember-tree" 2>/dev/null)" != "$tree_key" ]; then
 			log "extracting and patching linux-source-6.1 into $tree"
-			rm -rf "$tree" && mkdir -p "$out"
+			rm -rf "$tree" "$out/linux-source-6.1" && mkdir -p "$out"
 			tar -xf /usr/src/linux-source-6.1.tar.xz -C "$out" && mv "$out/linux-source-6.1" "$tree"
 			for p in "$here"/patches/*.patch; do
 				patch -d "$tree" -p1 --quiet --forward <"$p" || die "patch $p does not apply"
 			done
 			echo "$tree_key" >"$tree/.ember-tree"
 		fi
-		log "building kernel $key in $tree (a few minutes)"
+		log "building $tag $key in $tree (a few minutes)"
 		make -C "$tree" -s tinyconfig >&2
 		"$tree/scripts/kconfig/merge_config.sh" -m -O "$tree" "$tree/.config" \
-			"$here/kernel.config" >/dev/null
+			"${frags[@]}" >/dev/null
 		make -C "$tree" -s olddefconfig >&2
-		check_config "$tree/.config"
-		make -C "$tree" -s -j"$jobs" vmlinux bzImage >&2
+		check_config "$tree/.config" "${frags[@]}"
+		# shellcheck disable=SC2086 # targets is a word list
+		make -C "$tree" -s -j"$jobs" $targets >&2
 		mkdir -p "$dir"
-		cp "$tree/vmlinux" "$tree/arch/x86/boot/bzImage" "$tree/.config" "$dir/"
+		cp "$tree/vmlinux" "$tree/.config" "$dir/"
+		[[ " $targets " != *" bzImage "* ]] || cp "$tree/arch/x86/boot/bzImage" "$dir/"
 	else
-		log "kernel $key from cache $dir"
+		log "$tag $key from cache $dir"
 	fi
 	mkdir -p "$out"
-	cp "$dir/vmlinux" "$dir/bzImage" "$out/" && cp "$dir/.config" "$out/kernel.config"
-	rm -f "$out"/.kernel-* && touch "$out/.kernel-$key"
+	cp "$dir/vmlinux" "$out/vmlinux$suffix" && cp "$dir/.config" "$out/kernel$suffix.config"
+	[ ! -f "$dir/bzImage" ] || cp "$dir/bzImage" "$out/bzImage$suffix"
+	rm -f "$out/.$tag-"* && touch "$out/.$tag-$key"
 }
 
-# Every option the fragment sets must survive olddefconfig (a dependency may drop it).
+# Every option the fragments set must survive olddefconfig (a dependency may drop it); an
+# option a later fragment sets again is checked there only.
 check_config() {
-	local cfg=$1 bad=0 line opt
-	while read -r line; do
-		case "$line" in ''|'#'*) continue ;; esac
-		opt=${line%%=*}
-		if [[ "$line" == *=n ]]; then
-			grep -q "^$opt=" "$cfg" && { log "option $opt is still set"; bad=1; }
-		else
-			grep -qx -- "$line" "$cfg" || { log "option $line did not stick"; bad=1; }
-		fi
-	done <"$here/kernel.config"
+	local cfg=$1 bad=0 line opt i later
+	shift
+	local frags=("$@")
+	for ((i = 0; i < ${#frags[@]}; i++)); do
+		while read -r line; do
+			case "$line" in ''|'#'*) continue ;; esac
+			opt=${line%%=*}
+			later=0
+			for f in "${frags[@]:i+1}"; do grep -q "^$opt=" "$f" && later=1; done
+			[ $later -eq 0 ] || continue
+			if [[ "$line" == *=n ]]; then
+				grep -q "^$opt=" "$cfg" && { log "option $opt is still set"; bad=1; }
+			else
+				grep -qx -- "$line" "$cfg" || { log "option $line did not stick"; bad=1; }
+			fi
+		done <"${frags[i]}"
+	done
 	[ $bad -eq 0 ] || die "kernel config check failed"
 }
 
@@ -130,8 +151,17 @@ build_rootfs() {
 	rm -f "$out"/.rootfs-* && touch "$out/.rootfs-$key"
 }
 
+kunit=0
+for arg in "$@"; do
+	case "$arg" in
+	--kunit) kunit=1 ;;
+	*) die "unknown option '$arg' (usage: build.sh [--kunit])" ;;
+	esac
+done
 install_packages
 mkdir -p "$out" "$cache"
-build_kernel
+build_kernel kernel "vmlinux bzImage" "$here/kernel.config"
+[ $kunit -eq 0 ] || build_kernel kunit vmlinux "$here/kernel.config" "$here/kunit.config"
 build_rootfs
 ls -l "$out"/vmlinux "$out"/bzImage "$out"/initramfs.cpio.gz "$out"/rootfs.ext4 >&2
+[ $kunit -eq 0 ] || ls -l "$out"/vmlinux-kunit >&2
