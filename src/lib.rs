@@ -16,6 +16,7 @@ pub mod logger;
 pub mod memory;
 pub mod net;
 pub mod run_state;
+pub mod seccomp;
 pub mod session;
 pub mod signals;
 pub mod snapshot;

@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// With --restore: start with the vCPUs paused
     #[arg(long, requires = "restore")]
     pub paused: bool,
+    /// Seccomp filters per thread: on (a blocked call prints one line and exits 148),
+    /// strict (killed at once), log (allowed, logged by the kernel: dmesg) or off
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: crate::seccomp::Mode,
 }
 
 fn switch(option: &str, s: &str) -> Result<bool, ConfigError> {
@@ -256,6 +260,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     if args.detach && !detach::is_detached_child() {
         return detach::spawn_detached(&detach::args_without_detach());
     }
+    crate::seccomp::set_mode(args.seccomp);
     let mut req = match args.into_request() {
         Ok(r) => r,
         Err(e) => {
@@ -268,6 +273,7 @@ pub fn run(args: RunArgs) -> ExitCode {
 
 /// Runs a session for `req` in this process (the foreground, or a detached child).
 pub fn run_request(req: &mut RunRequest) -> ExitCode {
+    crate::seccomp::set_mode_if_unset(crate::seccomp::Mode::On);
     if let Err(e) = signals::install() {
         eprintln!("ember: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
