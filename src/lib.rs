@@ -12,6 +12,7 @@ pub mod definitions;
 pub mod device_manager;
 pub mod host;
 pub mod img;
+pub mod jail;
 pub mod logger;
 pub mod memory;
 pub mod net;

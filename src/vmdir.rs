@@ -100,7 +100,8 @@ impl VmDir {
             let _ = fs::remove_file(path.join(stale));
         }
         let pid_path = path.join("pid");
-        fs::write(&pid_path, format!("{}\n", std::process::id())).map_err(io_err(&pid_path))?;
+        let pid = crate::jail::host_pid(); // in a jail, the PID the host sees
+        fs::write(&pid_path, format!("{pid}\n")).map_err(io_err(&pid_path))?;
         Ok(VmDir {
             name: name.to_string(),
             path,
