@@ -30,6 +30,7 @@ ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, KVMIO, 0x48, u64);
 ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
 ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_pit_config);
@@ -38,6 +39,7 @@ ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
+ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
 
 // A vCPU's fd.
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
@@ -114,8 +116,10 @@ pub fn kvm_vm() -> Vec<c_ulong> {
     ]
 }
 
-/// KVM requests a vCPU thread makes on its own fd: running, reading its state for a
-/// snapshot or a report, the kvmclock pause notice.
+/// KVM requests a vCPU thread makes: on its own fd, running, reading its state for a
+/// snapshot or a report, the kvmclock pause notice; on the VM's fd, the interrupt and
+/// notification wiring a device changes when the guest programs it through an exit (an
+/// interrupt line, a moved PCI BAR's ioeventfds, MSI routes and messages).
 pub fn kvm_vcpu_thread() -> Vec<c_ulong> {
     vec![
         KVM_RUN(),
@@ -134,6 +138,11 @@ pub fn kvm_vcpu_thread() -> Vec<c_ulong> {
         KVM_GET_XSAVE2(),
         KVM_GET_XCRS(),
         KVM_KVMCLOCK_CTRL(),
+        KVM_IRQ_LINE(),
+        KVM_IRQFD(),
+        KVM_IOEVENTFD(),
+        KVM_SET_GSI_ROUTING(),
+        KVM_SIGNAL_MSI(),
     ]
 }
 
@@ -205,5 +214,7 @@ mod tests {
         assert_eq!(KVM_GET_PIT2(), 0x8070_ae9f);
         assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
         assert_eq!(KVM_KVMCLOCK_CTRL(), 0xaead);
+        assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
+        assert_eq!(KVM_SIGNAL_MSI(), 0x4020_aea5);
     }
 }

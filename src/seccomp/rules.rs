@@ -148,7 +148,8 @@ pub fn base() -> Built {
 
 /// A vCPU thread: `base`, KVM_RUN and the reads of its own state, and what its exits reach
 /// in the devices: the serial console's output (and the console log's rotation, which
-/// reopens the log for appending) and eventfd writes (interrupts, the exit request).
+/// reopens the log for appending), eventfd writes (interrupts, the exit request), and the
+/// VM's interrupt and notification wiring a guest's device programming changes.
 pub fn vcpu() -> Built {
     use libc::*;
     let mut t = base()?;
