@@ -143,6 +143,8 @@ pub fn base() -> Built {
     t.allow_if(SYS_mprotect, vec![no_exec()?]);
     // Debug builds check a descriptor is open before closing it.
     t.allow_if(SYS_fcntl, one_of(1, &[F_GETFD as u64])?);
+    // The SIGSYS handler asks for the thread's name.
+    t.allow_if(SYS_prctl, one_of(0, &[PR_GET_NAME as u64])?);
     Ok(t)
 }
 

@@ -2,8 +2,9 @@
 //! the kernel sends SIGSYS to the thread that made the call, and this handler writes one
 //! line naming the thread, the call's number and name, then ends the process with
 //! [`super::BLOCKED_EXIT_CODE`]. The handler is async-signal-safe: it only reads a
-//! thread-local buffer filled when the filter was installed and a static table, formats
-//! into a stack buffer, and calls write(2) and _exit(2), both of which every filter allows.
+//! thread-local buffer filled when the filter was installed (or asks the kernel for the
+//! thread's name) and a static table, formats into a stack buffer, and calls write(2) and
+//! _exit(2); every filter allows these calls.
 
 use std::cell::Cell;
 use std::sync::Once;
@@ -102,7 +103,14 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     if code != SYS_SECCOMP {
         return; // a SIGSYS someone sent with kill(2): not ours to act on
     }
-    let (name, len) = THREAD_NAME.with(|n| n.get());
+    let (mut name, mut len) = THREAD_NAME.with(|n| n.get());
+    if len == 0 {
+        // A thread that has not installed its own filter yet (it runs under its maker's):
+        // the kernel's name for it (PR_GET_NAME is allowed everywhere, for this).
+        // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL included, into the buffer.
+        unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
+        len = name.iter().take(16).position(|&b| b == 0).unwrap_or(0);
+    }
     let line = blocked_line(&name[..len], libc::c_long::from(nr));
     // SAFETY: write(2) of a stack buffer to stderr, then _exit(2): both async-signal-safe
     // and allowed by every filter.

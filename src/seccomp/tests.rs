@@ -102,6 +102,13 @@ fn probe() {
     };
     set_mode(mode);
     install(role, "probe").unwrap();
+    if scenario.ends_with("-inherited") {
+        // A thread under its maker's filter only: the line names it as the kernel does.
+        let t = std::thread::Builder::new().name("helper".into());
+        let call = scenario.split('-').nth(2).unwrap().to_string();
+        let rc = t.spawn(move || make_call(&call)).unwrap().join().unwrap();
+        exit_now(rc);
+    }
     let rc = make_call(scenario.split('-').nth(2).unwrap());
     let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
     exit_now(if rc < 0 { 100 + errno.min(100) } else { 0 });
@@ -120,6 +127,13 @@ fn a_blocked_call_prints_one_line_and_exits_148() {
         "ember: seccomp: thread 'probe' made system call 41 (socket), which its filter does \
          not allow; the VM is stopped (exit status 148)"
     );
+}
+
+#[test]
+fn a_thread_without_its_own_filter_is_named_as_the_kernel_knows_it() {
+    let (status, err) = probe_child("on-vmm-unixsocket-inherited");
+    assert_eq!(status.code(), Some(148), "{err}");
+    assert!(err.contains("thread 'helper' made system call 41"), "{err}");
 }
 
 #[test]
