@@ -5,6 +5,7 @@
 //! `devices` and `boot` crates.
 
 pub mod api;
+pub mod ci_watch;
 pub mod cli;
 pub mod config;
 pub mod console;

@@ -1,9 +1,10 @@
 //! Guest RAM: anonymous, lazily-backed host mappings laid out around the MMIO gap, and their
 //! registration as KVM memory slots.
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Errors creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]

@@ -5,13 +5,14 @@
 //! KVM: the VMM applies the returned state through its vCPU file descriptors.
 #![deny(missing_docs)]
 
+/// Guest memory as the VMM maps it (with a dirty-page bitmap; the same type the devices use).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 pub mod layout;
 pub mod loader;
 pub mod x86_64;
 
 use std::fs::File;
-
-use vm_memory::GuestMemoryMmap;
 
 pub use loader::{LoadedInitrd, LoadedKernel, LoaderError};
 pub use x86_64::regs::EntryPoint;

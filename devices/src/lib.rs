@@ -15,6 +15,19 @@ pub mod virtio;
 
 use std::io;
 
+/// Guest memory as Ember maps it. Pages the VMM writes through it (virtio used rings, block
+/// reads, received frames) are marked in a bitmap beside KVM's own dirty log, so a live
+/// migration or a diff snapshot knows every page that changed.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// What a write through [`GuestMemoryMmap`] marks.
+pub type MemBitmapSlice<'a> = vm_memory::bitmap::RefSlice<'a, vm_memory::bitmap::AtomicBitmap>;
+/// A descriptor chain's readable part in [`GuestMemoryMmap`].
+pub type GuestReader<'a> = virtio_queue::Reader<'a, MemBitmapSlice<'a>>;
+/// A descriptor chain's writable part in [`GuestMemoryMmap`] (writes mark pages dirty).
+pub type GuestWriter<'a> = virtio_queue::Writer<'a, MemBitmapSlice<'a>>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// An interrupt line a device raises (an irqfd in the VMM, a counter in tests).
 pub trait Interrupt: Send + Sync {
     /// Raises the interrupt (edge).

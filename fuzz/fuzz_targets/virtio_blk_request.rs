@@ -10,7 +10,8 @@ use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices::Interrupt;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use devices::GuestMemoryMmap;
 
 struct NoIrq;
 impl Interrupt for NoIrq {
@@ -23,7 +24,7 @@ const MEM: usize = 1 << 20;
 const QSIZE: u16 = 16;
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     // The guest's bytes: descriptor table at 0, available ring at 0x100, the rest anywhere.
     let _ = mem.write_slice(&data[..data.len().min(MEM)], GuestAddress(0));
     let f = tempfile::tempfile().unwrap();

@@ -20,7 +20,8 @@ use devices::virtio::queue::{check_layout, QueueConfig};
 use devices::virtio::{features, VirtioDevice, VirtioInterrupt};
 use devices::Interrupt;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use devices::GuestMemoryMmap;
 
 struct NoIrq;
 impl Interrupt for NoIrq {
@@ -99,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (waiting, image) = frames(rest, usize::from((flags >> 4) & 3));
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let _ = mem.write_slice(&image[..image.len().min(MEM)], GuestAddress(0));
     let tap = FakeTap {
         frames: waiting,

@@ -1,14 +1,18 @@
 //! `ember run`: a VM from the command line, from a Firecracker config file, or configured
 //! through the API (`--api-sock` without `--kernel`), in the foreground or (`-d`) in the
-//! background.
+//! background. `--expect`, `--fail-on`, `--timeout` and `--console-log` make it a one-shot
+//! CI check with one exit status per verdict ([`EXIT_STATUS_HELP`]).
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args;
 
 use super::{detach, USAGE_ERROR};
 use crate::api::firecracker::{ConfigFile, PendingVm};
+use crate::ci_watch::{self, OutputWatch, WatchSpec};
 use crate::config::{
     self, parse_name, parse_text, ConfigError, DiskConfig, NetConfig, SerialMode, VmConfig,
 };
@@ -17,8 +21,28 @@ use crate::run_state::Outcome;
 use crate::session::{self, RestoreSpec, RunRequest, Session};
 use crate::{error_chain, signals};
 
+/// The exit-status table, shown by `ember run --help` (and in the README).
+pub const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0      the guest powered off or reset (--reboot exit), the console was closed, the VM
+         was destroyed, or --stop-on-expect saw the last --expect; with --expect, only
+         if all were seen
+  odd    the guest wrote V to the debug-exit port (0xf4): (V << 1) | 1, modulo 256
+  1      also: the guest cannot go on (triple fault, KVM internal error) or Ember failed
+  2      bad command line or configuration
+  120    the guest kernel panicked (pvpanic)
+  122    a --fail-on pattern matched a line of serial output
+  124    --timeout ran out (the last serial lines are printed on stderr)
+  126    the run ended (power-off, reset, debug-exit, console closed, VM destroyed)
+         before every --expect was seen
+  148    a thread made a system call its seccomp filter does not allow (--seccomp on;
+         one line on stderr names the thread and the call)
+  128+N  Ember was stopped by signal N (130 Ctrl-C, 143 SIGTERM)
+Ember's own verdicts are even, so none is taken for a debug-exit status.";
+
 /// `ember run`.
 #[derive(Args, Debug, Default)]
+#[command(after_help = EXIT_STATUS_HELP)]
 pub struct RunArgs {
     /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage [qemu: -kernel]; without
     /// it (and without --config-file) the VM waits for its configuration on the API socket,
@@ -87,10 +111,42 @@ pub struct RunArgs {
     /// With --restore: start with the vCPUs paused
     #[arg(long, requires = "restore")]
     pub paused: bool,
+    /// End the run after DURATION (30s, 2m, 500ms, 1h; a bare number is seconds), counted
+    /// from the start: exit status 124, the last serial lines on stderr
+    #[arg(long, value_name = "DURATION", help_heading = "Checks (CI)")]
+    pub timeout: Option<String>,
+    /// A regular expression the serial output must show; repeatable, seen in order. The run
+    /// passes when all were seen and the guest ended on its own (else status 126)
+    #[arg(long, value_name = "REGEX", help_heading = "Checks (CI)")]
+    pub expect: Vec<String>,
+    /// End the VM (status 0) as soon as the last --expect is seen
+    #[arg(long, requires = "expect", help_heading = "Checks (CI)")]
+    pub stop_on_expect: bool,
+    /// A regular expression that ends the run at once (status 122) when a line of serial
+    /// output matches; repeatable. With --expect or --fail-on the defaults apply too:
+    /// Kernel panic, BUG:, Oops, WARNING:, Call Trace:
+    #[arg(long, value_name = "REGEX", help_heading = "Checks (CI)")]
+    pub fail_on: Vec<String>,
+    /// Leave out the default --fail-on patterns
+    #[arg(long, help_heading = "Checks (CI)")]
+    pub no_default_fail_on: bool,
+    /// Also write the serial output to FILE (created or emptied), whatever --serial is
+    #[arg(long, value_name = "FILE", help_heading = "Checks (CI)")]
+    pub console_log: Option<PathBuf>,
     /// Seccomp filters per thread: on (a blocked call prints one line and exits 148),
     /// strict (killed at once), log (allowed, logged by the kernel: dmesg) or off
     #[arg(long, value_name = "MODE", default_value = "on")]
     pub seccomp: crate::seccomp::Mode,
+}
+
+/// The CI checks of one run: set on the console once the session is ready, and the judge
+/// of its outcome.
+#[derive(Default)]
+pub struct RunChecks {
+    /// `--expect`, `--fail-on`, `--timeout`.
+    pub watch: Option<Arc<OutputWatch>>,
+    /// `--console-log`.
+    pub copy: Option<File>,
 }
 
 fn switch(option: &str, s: &str) -> Result<bool, ConfigError> {
@@ -190,6 +246,37 @@ impl RunArgs {
         })
     }
 
+    /// The checks the options ask for; the timeout starts counting now.
+    pub fn checks(&self) -> Result<RunChecks, String> {
+        let timeout = self
+            .timeout
+            .as_deref()
+            .map(ci_watch::parse_duration)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let spec = WatchSpec {
+            expect: self.expect.clone(),
+            fail_on: self.fail_on.clone(),
+            default_fail_on: !self.no_default_fail_on,
+            stop_on_expect: self.stop_on_expect,
+            timeout,
+        };
+        let watch = match spec.is_active() {
+            true => Some(Arc::new(
+                OutputWatch::new(&spec).map_err(|e| crate::error_chain(&e))?,
+            )),
+            false => None,
+        };
+        let copy = match &self.console_log {
+            Some(p) => Some(
+                File::create(p)
+                    .map_err(|e| format!("--console-log {}: cannot create: {e}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(RunChecks { watch, copy })
+    }
+
     /// The request `ember run` makes of a session.
     pub fn into_request(self) -> Result<RunRequest, ConfigError> {
         let name = match &self.name {
@@ -240,8 +327,44 @@ fn read_config_file(path: &PathBuf) -> Result<PendingVm, ConfigError> {
     PendingVm::from_file(file).map_err(err)
 }
 
-fn report(outcome: &Outcome) {
+/// How a run ended, in words, for the line that says an --expect was missing.
+fn ended(outcome: &Outcome) -> String {
     match outcome {
+        Outcome::PowerOff => "the guest powered off".into(),
+        Outcome::Reset => "the guest reset".into(),
+        Outcome::DebugExit(code) => format!("the guest exited through debug-exit, status {code}"),
+        Outcome::ConsoleQuit => "the console was closed".into(),
+        Outcome::Destroyed => "the VM was destroyed".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn report(outcome: &Outcome, watch: Option<&OutputWatch>) {
+    if let Some(lost) = watch.map(OutputWatch::lost).filter(|n| *n > 0) {
+        eprintln!("ember: the output checks fell behind a flood and skipped {lost} bytes");
+    }
+    match outcome {
+        Outcome::Timeout => {
+            let after = watch.and_then(OutputWatch::timeout).unwrap_or_default();
+            eprintln!("ember: timed out after {after:?}; the last serial lines:");
+            for line in watch.map(OutputWatch::tail).unwrap_or_default() {
+                eprintln!("{line}");
+            }
+        }
+        Outcome::GuestPanic(bits) => {
+            eprintln!("ember: the guest kernel panicked (pvpanic event {bits:#x})")
+        }
+        Outcome::FailOn { pattern, line } => {
+            eprintln!("ember: --fail-on '{pattern}' matched the line: {line}")
+        }
+        Outcome::ExpectNotMet {
+            pattern,
+            ended: how,
+        } => eprintln!(
+            "ember: --expect '{pattern}' was not seen before the run ended ({})",
+            ended(how)
+        ),
+        Outcome::ExpectsMet => log::debug!("every --expect was seen; VM stopped"),
         Outcome::Crash(msg) => eprintln!("ember: {msg}"),
         Outcome::Signal(sig) => eprintln!("ember: stopped by signal {sig}"),
         Outcome::ConsoleQuit => eprintln!("ember: console closed (Ctrl-]); VM stopped"),
@@ -261,6 +384,13 @@ pub fn run(args: RunArgs) -> ExitCode {
         return detach::spawn_detached(&detach::args_without_detach());
     }
     crate::seccomp::set_mode(args.seccomp);
+    let checks = match args.checks() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ember: {e}");
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
     let mut req = match args.into_request() {
         Ok(r) => r,
         Err(e) => {
@@ -268,11 +398,38 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(USAGE_ERROR);
         }
     };
-    run_request(&mut req)
+    run_checked(&mut req, checks)
 }
 
 /// Runs a session for `req` in this process (the foreground, or a detached child).
 pub fn run_request(req: &mut RunRequest) -> ExitCode {
+    run_checked(req, RunChecks::default())
+}
+
+/// Sets the checks on the console once the session is ready, before the guest runs.
+fn install_checks(req: &mut RunRequest, checks: RunChecks) -> Option<Arc<OutputWatch>> {
+    let watch = checks.watch.clone();
+    if checks.watch.is_none() && checks.copy.is_none() {
+        return watch;
+    }
+    let then = req.on_ready.take();
+    req.on_ready = Some(Box::new(move |s: &Session| {
+        let hub = s.console.hub();
+        if let Some(f) = checks.copy {
+            hub.set_copy(f);
+        }
+        if let Some(w) = checks.watch {
+            hub.set_watch(w);
+        }
+        if let Some(then) = then {
+            then(s);
+        }
+    }));
+    watch
+}
+
+/// `run_request` with CI checks.
+fn run_checked(req: &mut RunRequest, checks: RunChecks) -> ExitCode {
     crate::seccomp::set_mode_if_unset(crate::seccomp::Mode::On);
     if let Err(e) = signals::install() {
         eprintln!("ember: cannot install signal handlers: {e}");
@@ -291,6 +448,7 @@ pub fn run_request(req: &mut RunRequest) -> ExitCode {
     if detach::is_detached_child() {
         req.on_ready = Some(Box::new(|s: &Session| detach::announce_ready(s)));
     }
+    let watch = install_checks(req, checks);
     let taken = RunRequest {
         name: req.name.clone(),
         config: req.config.take(),
@@ -305,7 +463,11 @@ pub fn run_request(req: &mut RunRequest) -> ExitCode {
     drop(raw);
     match result {
         Ok(outcome) => {
-            report(&outcome);
+            let outcome = match &watch {
+                Some(w) => w.judge(outcome),
+                None => outcome,
+            };
+            report(&outcome, watch.as_deref());
             ExitCode::from(outcome.exit_code() as u8)
         }
         Err(e) => {

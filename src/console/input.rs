@@ -1,6 +1,7 @@
 //! The event-loop side of the console: host input (stdin or the pty, and the attached
 //! client's socket) goes to the UART no faster than the guest reads it, and output waiting
-//! for the client goes out when its socket takes it.
+//! for the client goes out when its socket takes it. Output queued for the run's checks
+//! (`--expect`, `--fail-on`) is matched here, and the `--timeout` timer fires here.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -13,6 +14,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Console, ConsoleError, ConsoleHub, ESCAPE_BYTE};
+use crate::ci_watch::WatchTimers;
 use crate::run_state::{Outcome, RunState};
 
 /// What a read from an input source did.
@@ -39,6 +41,8 @@ pub struct ConsoleInput {
     client_wants_out: bool,
     /// Inputs are not watched until the guest makes room in the FIFO.
     waiting_for_room: bool,
+    /// The output checks' timers, once the hub has checks.
+    timers: Option<WatchTimers>,
 }
 
 impl ConsoleInput {
@@ -60,6 +64,7 @@ impl ConsoleInput {
             client: None,
             client_wants_out: false,
             waiting_for_room: false,
+            timers: None,
         })
     }
 
@@ -154,6 +159,30 @@ impl ConsoleInput {
         self.client_wants_out = false;
     }
 
+    /// Follows the hub's output checks: their timers are watched once they appear (they may
+    /// be set after this handler was made), and queued output is matched.
+    fn sync_watch(&mut self, ops: &mut EventOps) {
+        if self.timers.is_none() {
+            let Some(watch) = self.hub.watch() else {
+                return;
+            };
+            match WatchTimers::new(watch) {
+                Ok(t) => {
+                    t.register(ops);
+                    self.timers = Some(t);
+                }
+                Err(e) => {
+                    let why = crate::error_chain(&e);
+                    self.state.request_exit(Outcome::Crash(why));
+                    return;
+                }
+            }
+        }
+        if let Some(outcome) = self.timers.as_mut().and_then(WatchTimers::on_output) {
+            self.state.request_exit(outcome);
+        }
+    }
+
     /// Follows the hub: a new client is watched, waiting output is written.
     fn sync_client(&mut self, ops: &mut EventOps) {
         let (generation, current) = self.hub.client();
@@ -187,6 +216,7 @@ impl MutEventSubscriber for ConsoleInput {
         if let Err(e) = ops.add(Events::new(self.hub.poke_fd(), EventSet::IN)) {
             log::error!("console: cannot watch for clients: {e:?}");
         }
+        self.sync_watch(ops);
         // Regular files and /dev/null cannot be polled: such input is simply not read.
         if let Some(input) = &self.input {
             if let Err(e) = ops.add(Events::new(input, EventSet::IN)) {
@@ -209,6 +239,11 @@ impl MutEventSubscriber for ConsoleInput {
         } else if fd == self.hub.poke_fd().as_raw_fd() {
             let _ = self.hub.poke_fd().read();
             self.sync_client(ops);
+            self.sync_watch(ops);
+        } else if let Some(t) = self.timers.as_mut().filter(|t| t.owns(fd)) {
+            if let Some(outcome) = t.on_timer(fd) {
+                self.state.request_exit(outcome);
+            }
         } else if self.input.as_ref().is_some_and(|i| i.as_raw_fd() == fd) {
             let r = match (&self.input, set.contains(EventSet::IN)) {
                 (Some(input), true) => self.read_into_uart(input, self.escape),
@@ -266,6 +301,7 @@ mod tests {
             client: None,
             client_wants_out: false,
             waiting_for_room: false,
+            timers: None,
         };
         let mut events = Manager::new().unwrap();
         events.add_subscriber(Arc::new(Mutex::new(input)));

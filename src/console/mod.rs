@@ -5,6 +5,10 @@
 //! Guest output arrives on a vCPU thread and never waits for a client: it is copied into a
 //! bounded buffer that the event loop drains to the client's socket; a slow client loses
 //! the oldest bytes, the guest never stalls. The console log rotates at a fixed size.
+//!
+//! `ember run --console-log FILE` adds a copy of the output to FILE; `--expect`, `--fail-on`
+//! and `--timeout` add an [`OutputWatch`]: output is queued for it (bounded) and matched on
+//! the event loop by [`ConsoleInput`], never on the vCPU thread.
 
 mod input;
 pub mod terminal;
@@ -21,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub use input::ConsoleInput;
 pub use terminal::{is_terminal, RawTerminal};
 
+use crate::ci_watch::OutputWatch;
 use crate::config::SerialMode;
 
 /// The byte Ctrl-] sends: leaves the console, as in `virsh console` and telnet.
@@ -124,6 +129,10 @@ struct HubInner {
     backlog: VecDeque<u8>,
     /// Bytes a slow client lost.
     dropped: u64,
+    /// `--console-log FILE`.
+    copy: Option<File>,
+    /// The output checks, matched on the event loop.
+    watch: Option<Arc<OutputWatch>>,
 }
 
 /// The console's shared state.
@@ -152,6 +161,8 @@ impl ConsoleHub {
                 client_generation: 0,
                 backlog: VecDeque::new(),
                 dropped: 0,
+                copy: None,
+                watch: None,
             }),
             poke: EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::EventFd)?,
         })
@@ -170,6 +181,12 @@ impl ConsoleHub {
         }
         if let Some(l) = &mut h.log {
             l.write(data);
+        }
+        if let Some(c) = &mut h.copy {
+            let _ = c.write_all(data);
+        }
+        if h.watch.as_ref().is_some_and(|w| w.push(data)) {
+            let _ = self.poke.write(1);
         }
         push_bounded(&mut h.recent, data, REPLAY_BYTES);
         if h.client.is_some() {
@@ -204,6 +221,22 @@ impl ConsoleHub {
         drop(h);
         let _ = self.poke.write(1);
         Ok(())
+    }
+
+    /// Copies all output from now on to `file` as well (`--console-log`).
+    pub fn set_copy(&self, file: File) {
+        self.lock().copy = Some(file);
+    }
+
+    /// Has the output matched against `watch` from now on; the event loop picks it up.
+    pub fn set_watch(&self, watch: Arc<OutputWatch>) {
+        self.lock().watch = Some(watch);
+        let _ = self.poke.write(1);
+    }
+
+    /// The output checks, if any.
+    fn watch(&self) -> Option<Arc<OutputWatch>> {
+        self.lock().watch.clone()
     }
 
     /// Whether a client is attached.
@@ -406,6 +439,31 @@ mod tests {
         assert_eq!(inner.recent.len(), REPLAY_BYTES);
         assert_eq!(inner.backlog.len(), CLIENT_BACKLOG);
         assert!(inner.dropped > 0);
+    }
+
+    #[test]
+    fn the_copy_gets_all_output_and_the_watch_is_poked_once_per_batch() {
+        use crate::ci_watch::{Verdict, WatchSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy.log");
+        let h = hub();
+        h.set_copy(File::create(&path).unwrap());
+        let spec = WatchSpec {
+            fail_on: vec!["bad".into()],
+            ..WatchSpec::default()
+        };
+        let w = Arc::new(OutputWatch::new(&spec).unwrap());
+        h.set_watch(w.clone());
+        assert_eq!(h.poke_fd().read().unwrap(), 1);
+        h.output(b"good\n");
+        h.output(b"bad\n");
+        assert_eq!(
+            h.poke_fd().read().unwrap(),
+            1,
+            "one wake-up for queued output"
+        );
+        assert!(matches!(w.drain(), Some(Verdict::FailOn { .. })));
+        assert_eq!(std::fs::read(&path).unwrap(), b"good\nbad\n");
     }
 
     #[test]

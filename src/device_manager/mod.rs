@@ -22,12 +22,12 @@ use devices::virtio::net::handler::NetHandler;
 use devices::virtio::net::tap::{self, Tap, TapError};
 use devices::virtio::net::{mac_for, Net};
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
+use devices::GuestMemoryMmap;
 use devices::{ExitSink, Interrupt, IrqLevel};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::VmFd;
 use serde::Serialize;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use resources::{ResourceAllocator, Resources};

@@ -8,11 +8,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use devices::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 /// Bytes written per call.
@@ -156,13 +156,16 @@ pub fn map(
             )));
         }
         let file = f.try_clone().map_err(io_err(path, "cannot duplicate"))?;
-        let region = MmapRegionBuilder::new(r.len as usize)
+        let bitmap = <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(
+            r.len as usize,
+        );
+        let region = MmapRegionBuilder::new_with_bitmap(r.len as usize, bitmap)
             .with_file_offset(FileOffset::new(file, r.offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| mismatch(format!("cannot map: {e}")))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(r.guest))
+        let region = devices::GuestRegionMmap::new(region, GuestAddress(r.guest))
             .ok_or_else(|| mismatch("a region wraps the address space".into()))?;
         regions.push(region);
     }

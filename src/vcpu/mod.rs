@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use boot::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, boot_sregs};
 use boot::BootState;
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 pub use exit::{handle_exit, Action, Buses, ExitCounters, ExitCounts, StopReason};

@@ -1,8 +1,9 @@
 //! What a vCPU says about itself when it stops or is asked (SIGUSR1): where it is, in which
 //! mode, and the bytes of the instruction there.
 
+use devices::GuestMemoryMmap;
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// `RIP 0x... (long mode, CPL0)`.
 pub fn location(fd: &VcpuFd) -> String {

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use boot::x86_64::cpuid::{self as boot_cpuid, CpuidError};
 use boot::{BootError, BootSpec, LoaderError};
+use devices::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, EventLoop};

@@ -5,9 +5,10 @@
 
 use boot::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use boot::x86_64::regs::{boot_fpu, boot_msrs};
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Where the loop starts.
 pub const CODE_ADDR: u64 = 0x1000;

@@ -7,7 +7,8 @@
 //! the ISA devices Linux should find through ACPI rather than by probing: the PS/2 keyboard
 //! controller (PNP0303), QEMU's pvpanic port (QEMU0001) and, when asked, COM1 (PNP0501).
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::aml::{self, AmlError, Expr, Resource, Term};
 use crate::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};

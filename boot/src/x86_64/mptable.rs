@@ -1,7 +1,8 @@
 //! The Intel MultiProcessor table (MP spec 1.4): how a guest without ACPI learns its CPUs,
 //! its IOAPIC and how ISA interrupts reach it.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{APIC_START, EBDA_START, IOAPIC_START, LOW_HOLE_START, MAX_IRQ};
 

@@ -1,6 +1,7 @@
 //! Identity page tables for a 64-bit entry: the first 4 GiB mapped with 2 MiB pages.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{PDE_START, PDPTE_START, PML4_START};
 use crate::BootError;

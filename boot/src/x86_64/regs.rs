@@ -1,7 +1,8 @@
 //! Register state of the boot vCPU at the kernel's entry point.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{self, boot_gdt, kvm_segment_from_gdt};
 use crate::layout::{

@@ -6,8 +6,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{check_layout, QueueConfig, QueuePosition, QueueSetupError};

@@ -16,8 +16,9 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 /// Bytes of one descriptor.
 const DESC_SIZE: u64 = 16;

@@ -10,8 +10,8 @@ pub mod request;
 
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
 use super::queue::{DeviceQueue, QueueError, QueuePosition};
 use super::{

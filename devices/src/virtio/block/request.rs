@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 
-use virtio_queue::{Reader, Writer};
+use crate::{GuestReader, GuestWriter};
 
 use crate::disk::{DiskError, DiskImage};
 
@@ -108,7 +108,7 @@ pub struct Header {
 }
 
 /// Reads the 16-byte header.
-pub fn read_header(reader: &mut Reader) -> Result<Header, RequestError> {
+pub fn read_header(reader: &mut GuestReader) -> Result<Header, RequestError> {
     let mut raw = [0u8; 16];
     reader
         .read_exact(&mut raw)
@@ -135,8 +135,8 @@ fn byte_range(sector: u64, len: u64, size: u64) -> Result<u64, RequestError> {
 /// before the status byte.
 pub fn execute(
     header: Header,
-    reader: &mut Reader,
-    data_out: &mut Writer,
+    reader: &mut GuestReader,
+    data_out: &mut GuestWriter,
     disk: &mut dyn DiskImage,
     caps: Capabilities,
     serial: &[u8],
@@ -207,7 +207,7 @@ pub fn execute(
 
 /// Applies the discard or write-zeroes segments that follow the header.
 fn segments(
-    reader: &mut Reader,
+    reader: &mut GuestReader,
     disk: &mut dyn DiskImage,
     size: u64,
     caps: Capabilities,

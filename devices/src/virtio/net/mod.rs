@@ -18,8 +18,8 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
 use super::queue::{DeviceQueue, QueueError, QueuePosition};
 use super::{
@@ -369,7 +369,7 @@ impl<B: NetBackend> Net<B> {
         };
         let mem = &a.mem;
         let q = &mut a.queues[RX];
-        let mut taken: Vec<(u16, Writer, usize, usize)> = Vec::new();
+        let mut taken: Vec<(u16, crate::GuestWriter, usize, usize)> = Vec::new();
         let mut written = 0usize;
         while written < len {
             let Some(chain) = q.pop(mem)? else {

@@ -1,6 +1,7 @@
 //! Queue setup checks and the device queue's error and budget rules, on mock guest memory.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::testing::GuestQueue;
