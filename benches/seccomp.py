@@ -79,8 +79,8 @@ def exit_round_trip(workdir, state, runs, window):
             sock = os.path.join(vm, "api.sock")
             wait_for(sock)
             pid = int(open(os.path.join(vm, "pid")).read())
-            tid = thread_ids(pid, "vcpu 0")[0]
             time.sleep(0.5)
+            tid = thread_ids(pid, "vcpu 0")[0]
             c0, t0, s0 = api(sock, "/ember/counters"), time.monotonic(), schedstat_ns(pid, tid)
             time.sleep(window)
             c1, t1, s1 = api(sock, "/ember/counters"), time.monotonic(), schedstat_ns(pid, tid)

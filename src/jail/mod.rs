@@ -199,8 +199,8 @@ pub fn run(spec: &JailSpec, run: RunArgs) -> Result<ExitCode, JailError> {
     drop(go_rx);
     if crate::cli::detach::is_detached_child() {
         // Our stderr is the pipe `ember jail --daemonize` reads until the VM is ready; the
-        // VM holds its own copy. What the jailer may still say goes to the VM's log.
-        log_to(&prep.layout.dirs[0].join("ember.log"));
+        // VM holds its own copy and says what goes wrong (its exit status is ours).
+        quiet_stderr();
     }
     CHILD.store(pid, Ordering::SeqCst);
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
@@ -217,13 +217,9 @@ pub fn run(spec: &JailSpec, run: RunArgs) -> Result<ExitCode, JailError> {
     Ok(status)
 }
 
-/// Sends this process's stderr to `path`.
-fn log_to(path: &Path) {
-    if let Ok(f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
+/// Sends this process's stderr to /dev/null.
+fn quiet_stderr() {
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
         // SAFETY: dup2 of a descriptor we hold onto fd 2.
         unsafe { libc::dup2(f.as_raw_fd(), libc::STDERR_FILENO) };
     }
