@@ -2,11 +2,20 @@
 //! arguments where the argument is what makes a call dangerous (ioctl requests, executable
 //! memory, socket families, clone flags, fcntl commands, signals to other processes).
 //!
-//! Tables are built from named groups so a new role is a few lines: a migration thread
-//! would be `base` + sockets of its own + reads of guest memory; a hotplug path adds its
-//! ioctls to [`vmm`]. A thread created by a filtered thread keeps its creator's filter under
-//! its own (the kernel runs both, the stricter answer wins), so [`vmm`] includes [`vcpu`]:
-//! vCPU threads started after a reset are created by the filtered main thread.
+//! Tables are built from named groups so a new role is a few lines. A thread created by a
+//! filtered thread keeps its creator's filter under its own (the kernel runs both, the
+//! stricter answer wins), so the main thread's table must include the table of every
+//! thread it starts once filtered: [`vmm`] includes [`vcpu`] (vCPU threads started after a
+//! reset), and a test checks it. Adding a role:
+//! 1. a function here: `base()` plus what the thread does (a migration thread: TCP sockets
+//!    of its own, `KVM_GET_DIRTY_LOG` on the VM's fd);
+//! 2. a `Role` variant and its line in `super::table`;
+//! 3. `vmm` merges the new table (when the main thread starts such threads), and the
+//!    thread calls `seccomp::install(Role::X, name)` first thing;
+//! 4. run the feature's tests with `--seccomp log` and read `dmesg` for `type=1326` lines
+//!    naming the thread in `comm=`: each is a call still missing.
+//! A device attached at run time (hotplug) needs nothing new unless it makes calls no
+//! device made before: its ioctls go to `ioctls.rs` and the group that makes them.
 
 use std::collections::BTreeMap;
 
