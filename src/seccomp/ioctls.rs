@@ -169,6 +169,12 @@ pub fn kvm_vcpu_setup() -> Vec<c_ulong> {
     ]
 }
 
+/// Tap requests a vCPU thread makes: virtio-net starts (the driver's status write, an
+/// exit) by setting the tap's offloads to what the driver accepted.
+pub fn tap_activation() -> Vec<c_ulong> {
+    vec![TUNSETOFFLOAD]
+}
+
 /// Taps: attach, check a passed descriptor, offloads, header size.
 pub fn tap() -> Vec<c_ulong> {
     vec![TUNSETIFF, TUNGETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ]

@@ -7,6 +7,7 @@
 //! stricter answer wins), so the main thread's table must include the table of every
 //! thread it starts once filtered: [`vmm`] includes [`vcpu`] (vCPU threads started after a
 //! reset), and a test checks it. Adding a role:
+//!
 //! 1. a function here: `base()` plus what the thread does (a migration thread: TCP sockets
 //!    of its own, `KVM_GET_DIRTY_LOG` on the VM's fd);
 //! 2. a `Role` variant and its line in `super::table`;
@@ -14,6 +15,7 @@
 //!    thread calls `seccomp::install(Role::X, name)` first thing;
 //! 4. run the feature's tests with `--seccomp log` and read `dmesg` for `type=1326` lines
 //!    naming the thread in `comm=`: each is a call still missing.
+//!
 //! A device attached at run time (hotplug) needs nothing new unless it makes calls no
 //! device made before: its ioctls go to `ioctls.rs` and the group that makes them.
 
@@ -159,12 +161,15 @@ pub fn base() -> Built {
 
 /// A vCPU thread: `base`, KVM_RUN and the reads of its own state, and what its exits reach
 /// in the devices: the serial console's output (and the console log's rotation, which
-/// reopens the log for appending), eventfd writes (interrupts, the exit request), and the
-/// VM's interrupt and notification wiring a guest's device programming changes.
+/// reopens the log for appending), eventfd writes (interrupts, the exit request), a tap's
+/// offloads (virtio-net starting), and the VM's interrupt and notification wiring a guest's
+/// device programming changes.
 pub fn vcpu() -> Built {
     use libc::*;
     let mut t = base()?;
-    t.allow_if(SYS_ioctl, ioctls(&ioctls::kvm_vcpu_thread())?);
+    let mut requests = ioctls::kvm_vcpu_thread();
+    requests.extend(ioctls::tap_activation());
+    t.allow_if(SYS_ioctl, ioctls(&requests)?);
     t.allow(&[SYS_rename]);
     let append = (O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC) as u64;
     t.allow_if(SYS_openat, one_of(2, &[append])?);
