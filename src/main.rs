@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ember::cli::{self, balloon, clone, defs, run, snapshots, verbs};
+use ember::cli::{self, balloon, clone, defs, jail, run, snapshots, verbs};
 
 #[derive(Parser)]
 #[command(name = "ember", version, about = "A small hypervisor on Linux KVM", long_about = None)]
@@ -89,6 +89,8 @@ enum Command {
     Img(ember::img::ImgArgs),
     /// Create, list and destroy host networks: bridges, NAT, DHCP (like virsh net-*)
     Net(ember::net::NetArgs),
+    /// Run a VM confined: namespaces, a chroot of its files, an unprivileged user, cgroups
+    Jail(Box<jail::JailArgs>),
 }
 
 fn main() -> ExitCode {
@@ -132,5 +134,6 @@ fn main() -> ExitCode {
         Command::Test(args) => ember::cli::test::test(*args),
         Command::Img(args) => ember::img::run(args),
         Command::Net(args) => ember::net::run_command(args),
+        Command::Jail(args) => jail::run(*args),
     }
 }

@@ -47,6 +47,9 @@ pub enum SessionError {
     /// A bad --config-file.
     #[error("--config-file {0}: {1}")]
     ConfigFile(String, String),
+    /// The main thread's seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 impl SessionError {
@@ -242,6 +245,8 @@ pub fn run(mut req: RunRequest) -> Result<Outcome, SessionError> {
         metrics: Mutex::new(None),
         created: Instant::now(),
     };
+    // From here the main thread reads the API socket and builds VMs: filtered.
+    crate::seccomp::install(crate::seccomp::Role::Vmm, "main")?;
     let on_ready = req.on_ready.take();
     if let Some(spec) = req.restore.take() {
         let (vmm, cfg) = restore_vmm(&session, &spec, &serial)?;

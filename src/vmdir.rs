@@ -122,7 +122,9 @@ impl VmDir {
     pub fn publish(&self) -> Result<(), VmDirError> {
         let pid_path = self.path.join("pid");
         let tmp = self.path.join("pid.tmp");
-        fs::write(&tmp, format!("{}\n", std::process::id())).map_err(io_err(&tmp))?;
+        // In a jail, the PID the host sees.
+        let pid = crate::jail::host_pid();
+        fs::write(&tmp, format!("{pid}\n")).map_err(io_err(&tmp))?;
         fs::rename(&tmp, &pid_path).map_err(io_err(&pid_path))
     }
 

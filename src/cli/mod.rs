@@ -23,6 +23,7 @@ pub mod clone;
 pub mod console;
 pub mod defs;
 pub mod detach;
+pub mod jail;
 pub mod run;
 pub mod snapshots;
 pub mod test;

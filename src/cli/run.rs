@@ -36,6 +36,8 @@ Exit status:
   124    --timeout ran out (the last serial lines are printed on stderr)
   126    the run ended (power-off, reset, debug-exit, console closed, VM destroyed)
          before every --expect was seen
+  148    a thread made a system call its seccomp filter does not allow (--seccomp on;
+         one line on stderr names the thread and the call)
   128+N  Ember was stopped by signal N (130 Ctrl-C, 143 SIGTERM)
 Ember's own verdicts are even, so none is taken for a debug-exit status.";
 
@@ -137,6 +139,10 @@ pub struct RunArgs {
     /// Also write the serial output to FILE (created or emptied), whatever --serial is
     #[arg(long, value_name = "FILE", help_heading = "Checks (CI)")]
     pub console_log: Option<PathBuf>,
+    /// Seccomp filters per thread: on (a blocked call prints one line and exits 148),
+    /// strict (killed at once), log (allowed, logged by the kernel: dmesg) or off
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// The CI checks of one run: set on the console once the session is ready, and the judge
@@ -386,6 +392,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     if args.detach && !detach::is_detached_child() {
         return detach::spawn_detached(&detach::args_without_detach());
     }
+    crate::seccomp::set_mode(args.seccomp);
     let checks = match args.checks() {
         Ok(c) => c,
         Err(e) => {
@@ -432,6 +439,7 @@ fn install_checks(req: &mut RunRequest, checks: RunChecks) -> Option<Arc<OutputW
 
 /// `run_request` with CI checks.
 fn run_checked(req: &mut RunRequest, checks: RunChecks) -> ExitCode {
+    crate::seccomp::set_mode_if_unset(crate::seccomp::Mode::On);
     if let Err(e) = signals::install() {
         eprintln!("ember: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;

@@ -283,6 +283,14 @@ impl Vcpu {
     }
 
     fn run(mut self, mut mode: RunMode, events: Receiver<VcpuEvent>, out: Sender<VcpuResponse>) {
+        if let Err(e) =
+            crate::seccomp::install(crate::seccomp::Role::Vcpu, &format!("vcpu {}", self.id))
+        {
+            self.state
+                .request_exit(Outcome::Crash(crate::error_chain(&e)));
+            let _ = out.send(VcpuResponse::Exited);
+            return;
+        }
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(flag));
         loop {
