@@ -15,6 +15,7 @@ pub mod host;
 pub mod img;
 pub mod logger;
 pub mod memory;
+pub mod migration;
 pub mod net;
 pub mod run_state;
 pub mod session;

@@ -5,6 +5,7 @@ pub mod clone;
 pub mod console;
 pub mod defs;
 pub mod detach;
+pub mod migrate;
 pub mod run;
 pub mod snapshots;
 pub mod verbs;

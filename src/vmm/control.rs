@@ -24,6 +24,10 @@ impl Vmm {
                 break;
             };
             let resp = match api::route(&req) {
+                Ok(ApiRequest::Migrate(m)) => match self.start_migration(m, conn) {
+                    Ok(()) => continue, // answered when the migration ends
+                    Err(r) => r,
+                },
                 Ok(r) => self.handle(r, session),
                 Err(resp) => resp,
             };
@@ -84,6 +88,11 @@ impl Vmm {
             }
             ApiRequest::SnapshotRevert(s) => self.revert_to(&s.name),
             ApiRequest::SnapshotDelete(s) => self.delete_named(&s.name),
+            ApiRequest::MigrationInfo => self.migration_info(),
+            ApiRequest::MigrationAbort => self.abort_migration(),
+            ApiRequest::Migrate(_) | ApiRequest::ReceiveMigration(_) => api::bad_request(
+                "this VM runs already; receive-migration is for an Ember that waits for one",
+            ),
         }
     }
 
