@@ -190,12 +190,21 @@ pub fn domjobinfo(a: super::verbs::NameArg) -> ExitCode {
         let i: JobInfo = serde_json::from_value(v).map_err(|e| Failure::failed(e.to_string()))?;
         let kind = match i.state {
             JobState::None => "None",
+            JobState::Incoming => "Incoming",
             s if s.is_final() => "Completed",
             _ => "Unbounded",
         };
         let rows: Vec<(&str, String)> = vec![
             ("Job type", kind.into()),
-            ("Operation", "Outgoing migration".into()),
+            (
+                "Operation",
+                if i.state == JobState::Incoming {
+                    "Incoming migration (waiting)"
+                } else {
+                    "Outgoing migration"
+                }
+                .into(),
+            ),
             ("State", format!("{:?}", i.state).to_lowercase()),
             ("Destination", i.destination.clone()),
             ("Live", if i.live { "yes" } else { "no" }.into()),

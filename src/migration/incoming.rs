@@ -140,6 +140,10 @@ fn check_offer(offer: &Offer, spec: &IncomingSpec, name: &str) -> Result<VmConfi
     let plan = crate::vmm::cpuid::vm_cpuid(&kvm, &spec.cpu_features)
         .map_err(|e| format!("this host's CPUID: {e}"))?;
     let missing = compat::missing(&offer.cpu_features, &plan.entries);
+    log::debug!(
+        "incoming migration: the guest has CPU features {}; missing here: {missing:?}",
+        offer.cpu_features.join(",")
+    );
     if !missing.is_empty() {
         return Err(compat::refusal(&missing));
     }

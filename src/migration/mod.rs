@@ -79,7 +79,7 @@ pub enum MigrationError {
     /// `--timeout` ran out before the pages left fit the downtime.
     #[error(
         "did not converge within {0} s (the guest dirties memory faster than it can be \
-         sent); the VM goes on here"
+         sent)"
     )]
     Timeout(u64),
     /// The VM's main thread could not do its part.
@@ -227,6 +227,8 @@ pub enum JobState {
     /// No job ran.
     #[default]
     None,
+    /// This Ember waits for a VM to come (`--incoming`).
+    Incoming,
     /// Connecting and agreeing.
     Setup,
     /// Copying memory while the VM runs (or, not live, while it is paused).
@@ -248,13 +250,18 @@ impl JobState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            JobState::None | JobState::Completed | JobState::Failed | JobState::Cancelled
+            JobState::None
+                | JobState::Incoming
+                | JobState::Completed
+                | JobState::Failed
+                | JobState::Cancelled
         )
     }
 }
 
 /// What `ember domjobinfo` shows (`GET /ember/migration`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct JobInfo {
     /// Where it is.
     pub state: JobState,

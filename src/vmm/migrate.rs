@@ -208,9 +208,9 @@ impl Vmm {
                 Request::Completed => self.end_migration(session, Ok(())),
                 Request::Failed => {
                     let undo = self.undo_migration();
-                    self.end_migration(session, Err((400, undo)));
+                    self.end_migration(session, Err((500, undo, true)));
                 }
-                Request::InDoubt => self.end_migration(session, Err((500, None))),
+                Request::InDoubt => self.end_migration(session, Err((500, None, false))),
             }
         }
     }
@@ -346,7 +346,13 @@ impl Vmm {
     }
 
     /// Ends the job: answers its waiter and, when the VM now runs elsewhere, ends it here.
-    fn end_migration(&mut self, session: &Session, result: Result<(), (u16, Option<String>)>) {
+    /// `result`: done, or the answer's status, what could not be undone, and whether the
+    /// VM goes on here.
+    fn end_migration(
+        &mut self,
+        session: &Session,
+        result: Result<(), (u16, Option<String>, bool)>,
+    ) {
         let Some(mut job) = self.migration.job.take() else {
             return;
         };
@@ -360,12 +366,12 @@ impl Vmm {
                     .request_exit(Outcome::Migrated(info.destination.clone()));
                 Response::json(200, serde_json::to_string(&info).unwrap_or_default())
             }
-            Err((status, problem)) => {
+            Err((status, problem, goes_on)) => {
                 let mut text = info.error.clone().unwrap_or_else(|| "failed".into());
                 if let Some(p) = problem {
                     text = format!("{text}; and {p}");
                     info.error = Some(text.clone());
-                } else if status == 400 {
+                } else if goes_on {
                     text.push_str("; the VM goes on here");
                 }
                 Response::fault(
