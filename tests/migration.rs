@@ -708,3 +708,57 @@ fn live_migration_across_two_network_namespaces() {
     assert_continuous(&src_lines, &dst.serial);
     dst.stop();
 }
+
+/// Whether a process holds `image` (`ember img info` cannot take its locks).
+fn locked(image: &Path) -> bool {
+    let out = ember().args(["img", "info"]).arg(image).output().unwrap();
+    !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use")
+}
+
+#[test]
+fn a_shared_disk_passes_to_the_destination_and_a_failed_handover_gives_it_back() {
+    let b = bed("disk");
+    let ns = Netns::new(&format!("d{}", std::process::id() % 10_000));
+    let disk = b.dir.path().join("shared.qcow2");
+    ember_img_ok(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "1M"]);
+    let disk_arg = format!("path={}", disk.display());
+    let mut src = b.source_in(
+        &ns.exec(0),
+        "count",
+        &["--disk", &disk_arg, "--net", "tap=emtap0"],
+    );
+    assert!(locked(&disk), "the source holds its disk");
+    // A destination whose NIC cannot be opened fails after the source closed its disk.
+    let bad = b.dest_in(
+        &ns.exec(0),
+        "bad",
+        "127.0.0.1:4445",
+        &["--net", "id=eth0,tap=lo"],
+    );
+    let (code, out) = finished(migrate(&src, "tcp:127.0.0.1:4445", &["--live"]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("cannot build the VM"), "{out}");
+    assert!(src.is_running());
+    assert!(locked(&disk), "the source opened its disk again");
+    let n = src.serial.last_tick().unwrap();
+    src.serial
+        .wait_tick(n + 2, "source after the failed handover");
+    bad.stop();
+    // A destination that can: the disk is its own afterwards.
+    let dst = b.dest_in(
+        &ns.exec(0),
+        "dst",
+        "127.0.0.1:4446",
+        &["--net", "id=eth0,tap=emtap1"],
+    );
+    let (code, out) = finished(migrate(&src, "tcp:127.0.0.1:4446", &["--live"]));
+    assert_eq!(code, Some(0), "{out}");
+    let src_lines = src.serial.clone();
+    assert_eq!(src.wait().0, Some(0));
+    dst.serial
+        .wait_tick(src_lines.last_tick().unwrap() + 2, "destination");
+    assert_continuous(&src_lines, &dst.serial);
+    assert!(locked(&disk), "the destination holds the disk");
+    dst.stop();
+    assert!(!locked(&disk));
+}

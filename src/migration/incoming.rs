@@ -512,6 +512,7 @@ fn start(
         log::warn!("incoming migration: cannot confirm to the source: {e}");
     }
     disks.keep();
+    vmm.announce_nics();
     log::info!("incoming migration from {peer}: the VM runs here");
     Ok((vmm, state.config))
 }

@@ -412,3 +412,95 @@ impl Vmm {
         Ok(vmm)
     }
 }
+
+/// A RARP frame announcing `mac` (what QEMU sends after a migration): switches and bridges
+/// learn the MAC on the new port. It needs no IP address.
+pub fn rarp_frame(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(&mac);
+    f[32..38].copy_from_slice(&mac);
+    f
+}
+
+/// When the announcements go out after the VM starts here (QEMU's: 50 ms, then 100 ms
+/// more each time).
+const ANNOUNCE_AT_MS: [u64; 5] = [0, 50, 150, 300, 500];
+
+impl Vmm {
+    /// Announces every NIC's MAC on its tap, a few times over half a second, from a thread
+    /// of its own (one write of one frame each, like any transmit).
+    pub fn announce_nics(&self) {
+        let mut taps = Vec::new();
+        for (id, h) in self.devices.virtio_devices() {
+            let VirtioHandle::Net(n) = h else { continue };
+            let Some(mac) = self
+                .config
+                .nets
+                .iter()
+                .find(|c| c.id() == id)
+                .and_then(|c| c.mac)
+            else {
+                continue;
+            };
+            let fd = devices::bus::lock_device(n, |n| {
+                use devices::virtio::net::NetBackend;
+                n.backend().raw_fd()
+            });
+            // SAFETY: dup of a descriptor the device holds open; the copy is ours to close.
+            let own = unsafe { libc::dup(fd) };
+            if own >= 0 {
+                // SAFETY: `own` is a new descriptor nothing else owns.
+                taps.push((
+                    unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(own) },
+                    mac.0,
+                ));
+            }
+        }
+        if taps.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("announce".into())
+            .spawn(move || {
+                let mut last = 0;
+                for at in ANNOUNCE_AT_MS {
+                    std::thread::sleep(Duration::from_millis(at - last));
+                    last = at;
+                    for (tap, mac) in &taps {
+                        let mut frame = vec![0u8; devices::virtio::net::tap::VNET_HDR_LEN];
+                        frame.extend_from_slice(&rarp_frame(*mac));
+                        if let Err(e) = std::io::Write::write(&mut &*tap, &frame) {
+                            log::debug!("cannot announce the NIC: {e}");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot announce the NICs: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announcement_is_a_broadcast_rarp_from_the_mac() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let f = rarp_frame(mac);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[20..22], &[0, 3]);
+        assert_eq!((&f[22..28], &f[32..38]), (&mac[..], &mac[..]));
+    }
+}
