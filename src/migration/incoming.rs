@@ -171,7 +171,11 @@ fn check_offer(offer: &Offer, spec: &IncomingSpec, name: &str) -> Result<VmConfi
 }
 
 /// Writes a `Pages` or `Zero` message into guest memory.
-fn apply_pages(mem: &GuestMemoryMmap, payload: &[u8], zero: bool) -> Result<(), MigrationError> {
+pub fn apply_pages(
+    mem: &GuestMemoryMmap,
+    payload: &[u8],
+    zero: bool,
+) -> Result<(), MigrationError> {
     let r = Range::parse(payload)?;
     let data = &payload[RANGE_HEADER..];
     let pages = r.count as usize;
@@ -198,9 +202,11 @@ fn apply_pages(mem: &GuestMemoryMmap, payload: &[u8], zero: bool) -> Result<(), 
     result.map_err(|_| bad("pages outside guest memory"))
 }
 
-/// Receives memory, disks and the state until the state comes.
-fn receive_data(
-    ch: &mut Channel<TcpStream>,
+/// Receives memory (into `mem`), copied disks and the state until the state comes. Every
+/// message is checked: pages only inside guest memory, disk chunks only inside a copied
+/// disk, nothing out of order.
+pub fn receive_data<S: wire::Stream>(
+    ch: &mut Channel<S>,
     mem: &GuestMemoryMmap,
     disks: &mut DiskReceiver,
     stop: &AtomicBool,
@@ -597,4 +603,38 @@ pub fn spec_of(r: &super::ReceiveRequest) -> Result<IncomingSpec, MigrationError
         disks,
         cpu_features: FeatureEdits::default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(at: u64, count: u32, data: &[u8]) -> Vec<u8> {
+        let mut m = Range { at, count, disk: 0 }.bytes().to_vec();
+        m.extend_from_slice(data);
+        m
+    }
+
+    #[test]
+    fn pages_land_where_they_say_and_nowhere_outside_memory() {
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        apply_pages(&mem, &msg(0x3000, 1, &[7u8; PAGE]), false).unwrap();
+        let mut b = [0u8; 2];
+        mem.read_slice(&mut b, GuestAddress(0x3ffe)).unwrap();
+        assert_eq!(b, [7, 7]);
+        apply_pages(&mem, &msg(0x3000, 1, &[]), true).unwrap();
+        mem.read_slice(&mut b, GuestAddress(0x3ffe)).unwrap();
+        assert_eq!(b, [0, 0]);
+        for bad in [
+            msg(16 << 20, 1, &[0u8; PAGE]),                     // past the end
+            msg((16 << 20) - PAGE as u64, 2, &[0u8; 2 * PAGE]), // across it
+            msg(0x3001, 1, &[0u8; PAGE]),                       // unaligned
+            msg(0x3000, 0, &[]),                                // no pages
+            msg(0x3000, 2, &[0u8; PAGE]),                       // short
+            msg(u64::MAX - 4095, 1, &[0u8; PAGE]),              // wrapping
+        ] {
+            assert!(apply_pages(&mem, &bad, false).is_err());
+        }
+        assert!(apply_pages(&mem, &msg(0x3000, 1, &[0u8; PAGE]), true).is_err());
+    }
 }

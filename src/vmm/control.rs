@@ -9,6 +9,23 @@ use crate::api::{self, ApiRequest, EmberAction, EmberActionType, ShutdownMode};
 use crate::run_state::{Outcome, VmState};
 use crate::session::Session;
 
+/// Requests that change the VM's run state or rebuild it.
+fn changes_the_vm(req: &ApiRequest) -> bool {
+    match req {
+        ApiRequest::PatchVm(_)
+        | ApiRequest::EmberSave(_)
+        | ApiRequest::SnapshotCreate(_)
+        | ApiRequest::SnapshotCreateAs(_)
+        | ApiRequest::SnapshotRevert(_)
+        | ApiRequest::SnapshotDelete(_) => true,
+        ApiRequest::EmberAction(a) => matches!(
+            a.action_type,
+            EmberActionType::Reset | EmberActionType::Reboot
+        ),
+        _ => false,
+    }
+}
+
 impl Vmm {
     /// Answers every request the API server holds.
     pub(super) fn serve_api(&mut self, session: &Session) {
@@ -39,6 +56,12 @@ impl Vmm {
     }
 
     fn handle(&mut self, req: ApiRequest, session: &Session) -> Response {
+        if self.migration_holds() && changes_the_vm(&req) {
+            return Response::fault(
+                409,
+                "a migration of this VM is under way; cancel it first (ember domjobabort)",
+            );
+        }
         match req {
             ApiRequest::InstanceInfo => session.instance_info(self.state),
             ApiRequest::Version => crate::session::version_response(),

@@ -38,8 +38,8 @@ pub(super) struct Migration {
     job: Option<Job>,
     /// The progress of the last job that ended.
     last: Option<JobInfo>,
-    /// A migration closed the disks and they are not open again.
-    released: bool,
+    /// Disks a migration closed that are not open again, by id.
+    released: Vec<String>,
 }
 
 struct Job {
@@ -80,7 +80,7 @@ impl Vmm {
                 "a migration of this VM is under way; see 'ember domjobinfo'",
             ));
         }
-        if self.migration.released {
+        if !self.migration.released.is_empty() {
             return Err(Response::fault(
                 409,
                 "a migration left this VM's disks closed; 'ember resume' it first",
@@ -294,18 +294,18 @@ impl Vmm {
                 Ok(Box::new(standin))
             })
             .map_err(|()| format!("disk {id}: cannot close it"))?;
+            self.migration.released.push(id);
         }
-        self.migration.released = true;
         log::debug!("migration: disks closed");
         Ok(())
     }
 
     /// Opens again the disks a migration closed.
     pub(super) fn reopen_disks(&mut self) -> Result<(), String> {
-        if !self.migration.released {
-            return Ok(());
-        }
         for (id, b) in self.block_devices() {
+            if !self.migration.released.contains(&id) {
+                continue;
+            }
             let Some(cfg) = self.config.disks.iter().find(|d| d.id() == id) else {
                 return Err(format!("disk {id} is not in the configuration"));
             };
@@ -321,9 +321,19 @@ impl Vmm {
                 .unwrap_or_else(|e| e.into_inner())
                 .swap_disk::<()>(|_standin| Ok(image))
                 .map_err(|()| format!("disk {id}: cannot reopen it"))?;
+            self.migration.released.retain(|r| *r != id);
         }
-        self.migration.released = false;
         Ok(())
+    }
+
+    /// Whether a migration job holds the VM: while one runs, nothing may rebuild it or
+    /// change its run state behind the job's back (a resume while the destination takes
+    /// over would leave two running copies).
+    pub(super) fn migration_holds(&self) -> bool {
+        self.migration
+            .job
+            .as_ref()
+            .is_some_and(|j| !info_of(j).state.is_final())
     }
 
     /// After a failure: disks open again, the VM running if it ran. Returns what could not
