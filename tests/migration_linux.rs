@@ -126,6 +126,26 @@ impl Guest {
         }
     }
 
+    /// Types `echo EMBER-READY` until the shell answers (at most every 10 s: typing ahead
+    /// of a busy guest would overflow its tty's input buffer).
+    fn wait_for_shell(&mut self) {
+        let end = Instant::now() + STEP_LIMIT;
+        while Instant::now() < end {
+            self.type_line("echo EMBER-READY");
+            let retry = Instant::now() + Duration::from_secs(10);
+            while let Ok(l) = self
+                .lines
+                .recv_timeout(retry.saturating_duration_since(Instant::now()))
+            {
+                self.seen.push(l.clone());
+                if l.starts_with("EMBER-READY") {
+                    return;
+                }
+            }
+        }
+        panic!("no shell on the console:\n{}", self.seen.join("\n"));
+    }
+
     /// Everything printed until the process ended.
     fn drain(&mut self) {
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
@@ -278,18 +298,7 @@ fn linux_migrates_live_while_dirtying_memory_and_writing_its_qcow2_disk() {
     let mut src = Guest::start(cmd);
     let ping = src.expect("EMBER-PING", BOOT_LIMIT);
     assert!(ping.starts_with("EMBER-PING ok"), "{ping}");
-    let end = Instant::now() + STEP_LIMIT;
-    loop {
-        src.type_line("echo EMBER-READY");
-        let got = src.lines.recv_timeout(Duration::from_secs(5));
-        if let Ok(l) = got {
-            src.seen.push(l.clone());
-            if l.starts_with("EMBER-READY") {
-                break;
-            }
-        }
-        assert!(Instant::now() < end, "no shell: {}", src.seen.join("\n"));
-    }
+    src.wait_for_shell();
     // Memory: awk rebuilds a 4 MiB string forever (user code, native speed). Disk: a line
     // per step appended to /data/log and synced; each step prints its number.
     src.type_line(

@@ -608,6 +608,84 @@ pub fn spec_of(r: &super::ReceiveRequest) -> Result<IncomingSpec, MigrationError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Cursor, Read, Write};
+
+    /// A source's bytes to read; answers go nowhere.
+    struct Input(Cursor<Vec<u8>>);
+
+    impl Read for Input {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+
+    impl Write for Input {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl wire::Stream for Input {}
+
+    fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![kind as u8, 0, 0, 0];
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(payload);
+        let crc = crc32fast::hash(&f);
+        f.extend_from_slice(&crc.to_le_bytes());
+        f
+    }
+
+    /// What the fuzz target does with its input.
+    fn receive(bytes: Vec<u8>, mem: &GuestMemoryMmap) -> Result<SnapshotState, MigrationError> {
+        let mut ch = wire::accept(Input(Cursor::new(bytes)), None)?;
+        receive_data(
+            &mut ch,
+            mem,
+            &mut DiskReceiver::default(),
+            &AtomicBool::new(false),
+        )
+    }
+
+    fn hello() -> Vec<u8> {
+        let mut h = wire::MAGIC.to_vec();
+        h.extend_from_slice(&wire::VERSION.to_le_bytes());
+        h.extend_from_slice(&[0u8; 4 + wire::NONCE_LEN]);
+        h
+    }
+
+    #[test]
+    fn a_stream_fills_memory_until_its_state_which_must_parse() {
+        let mem = crate::memory::create_guest_memory(2 << 20).unwrap();
+        let mut s = hello();
+        s.extend(frame(Kind::Pages, &msg(0x1000, 1, &[9u8; PAGE])));
+        s.extend(frame(Kind::Iteration, &[0u8; 16]));
+        s.extend(frame(Kind::State, b"{}"));
+        let e = receive(s, &mem).unwrap_err();
+        assert!(e.to_string().contains("the state does not parse"), "{e}");
+        let mut b = [0u8; 1];
+        mem.read_slice(&mut b, GuestAddress(0x1fff)).unwrap();
+        assert_eq!(b, [9]);
+    }
+
+    #[test]
+    fn out_of_place_messages_end_the_transfer() {
+        let mem = crate::memory::create_guest_memory(2 << 20).unwrap();
+        for bad in [
+            frame(Kind::Go, &[]),
+            frame(Kind::Disk, &msg(0, 4, b"abcd")),
+            frame(Kind::Pages, &msg(4 << 20, 1, &[1u8; PAGE])),
+            frame(Kind::Refuse, b"no"),
+        ] {
+            let mut s = hello();
+            s.extend(bad);
+            assert!(receive(s, &mem).is_err());
+        }
+        assert!(receive(hello(), &mem).is_err(), "the stream just ends");
+    }
 
     fn msg(at: u64, count: u32, data: &[u8]) -> Vec<u8> {
         let mut m = Range { at, count, disk: 0 }.bytes().to_vec();
