@@ -330,8 +330,8 @@ fn incoming(
     conn: Option<ConnId>,
 ) -> Result<Outcome, SessionError> {
     match crate::migration::incoming::wait_for_vm(session, spec, serial, conn)? {
-        Some((vmm, cfg)) => run_vm(session, &cfg, Some(vmm), None),
-        None => Ok(Outcome::Signal(crate::signals::last_signal())),
+        Ok((vmm, cfg)) => run_vm(session, &cfg, Some(vmm), None),
+        Err(ended) => Ok(ended),
     }
 }
 

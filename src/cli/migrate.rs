@@ -48,6 +48,10 @@ pub struct MigrateArgs {
     /// Send at most this many MiB per second
     #[arg(long, value_name = "MIB")]
     pub bandwidth: Option<u64>,
+    /// Check the copy: a CRC-32 of every MiB of guest memory at the stop goes along and the
+    /// destination refuses the VM if its memory differs (costs downtime)
+    #[arg(long)]
+    pub verify: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -129,6 +133,7 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
             copy_storage: a.copy_storage,
             auth_key,
             bandwidth_mib: a.bandwidth,
+            verify: a.verify,
         };
         let body = serde_json::to_string(&req).map_err(|e| Failure::failed(e.to_string()))?;
         catch_interrupt();

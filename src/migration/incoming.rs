@@ -31,7 +31,7 @@ use crate::api::server::ConnId;
 use crate::api::{self, ApiRequest};
 use crate::config::{DiskConfig, NetConfig, SerialMode, VmConfig};
 use crate::device_manager::EventLoop;
-use crate::run_state::RunState;
+use crate::run_state::{Outcome, RunState};
 use crate::session::{Session, SessionError};
 use crate::snapshot::SnapshotState;
 use crate::vmm::Vmm;
@@ -225,6 +225,21 @@ pub fn receive_data<S: wire::Stream>(
                 wire::u64_at(&buf, 0),
                 wire::u64_at(&buf, 8)
             ),
+            Kind::Verify => {
+                let theirs: Vec<u32> = buf
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let ours = super::memory_checksums(mem).map_err(MigrationError::Vm)?;
+                if let Some(why) = super::compare_checksums(mem, &theirs, &ours) {
+                    ch.refuse(&why);
+                    return Err(MigrationError::Refused(why));
+                }
+                log::info!(
+                    "incoming migration: guest memory verified ({} MiB)",
+                    ours.len()
+                );
+            }
             Kind::State => {
                 return serde_json::from_slice(&buf).map_err(|e| {
                     MigrationError::Wire(WireError::Corrupt(format!(
@@ -438,9 +453,13 @@ impl Drop for Listening {
 }
 
 /// Answers the API while waiting: what this Ember is doing, and no configuration.
-fn answer(session: &Session, endpoint: &Endpoint, req: ApiRequest) -> Response {
+fn answer(session: &Session, endpoint: &Endpoint, state: &RunState, req: ApiRequest) -> Response {
     use crate::run_state::VmState;
     match req {
+        ApiRequest::EmberAction(a) if a.action_type == api::EmberActionType::Destroy => {
+            state.request_exit(Outcome::Destroyed);
+            Response::empty(204)
+        }
         ApiRequest::InstanceInfo => session.instance_info(VmState::NotStarted),
         ApiRequest::Version => crate::session::version_response(),
         ApiRequest::EmberInfo => Response::json(
@@ -461,7 +480,7 @@ fn answer(session: &Session, endpoint: &Endpoint, req: ApiRequest) -> Response {
     }
 }
 
-fn serve_api(session: &Session, endpoint: &Endpoint) {
+fn serve_api(session: &Session, endpoint: &Endpoint, state: &RunState) {
     let Some(server) = &session.api else {
         return;
     };
@@ -474,7 +493,7 @@ fn serve_api(session: &Session, endpoint: &Endpoint) {
             return;
         };
         let resp = match api::route(&req) {
-            Ok(r) => answer(session, endpoint, r),
+            Ok(r) => answer(session, endpoint, state, r),
             Err(resp) => resp,
         };
         server
@@ -524,14 +543,14 @@ fn start(
 }
 
 /// Waits for a VM to come (answering the API and signals meanwhile); `conn` (a
-/// `receive-migration` request) is answered once it runs. `None` when a signal ended the
-/// wait.
+/// `receive-migration` request) is answered once it runs. `Err(outcome)` when a signal or
+/// `ember destroy` ended the wait.
 pub fn wait_for_vm(
     session: &Session,
     spec: &IncomingSpec,
     serial: &SerialMode,
     mut conn: Option<ConnId>,
-) -> Result<Option<(Vmm, VmConfig)>, SessionError> {
+) -> Result<Result<(Vmm, VmConfig), Outcome>, SessionError> {
     let listener = Arc::new(listen(&spec.endpoint)?);
     let shown = listener
         .local_addr()
@@ -554,10 +573,11 @@ pub fn wait_for_vm(
     let mut listening = Listening::start(listener.clone(), spec, &session.name, &state)?;
     loop {
         events.run().map_err(SessionError::EventLoop)?;
+        serve_api(session, &shown, &state);
         if state.is_exiting() {
-            return Ok(None);
+            let signal = Outcome::Signal(crate::signals::last_signal());
+            return Ok(Err(state.outcome().unwrap_or(signal)));
         }
-        serve_api(session, &shown);
         let Ok(received) = listening.rx.try_recv() else {
             continue;
         };
@@ -570,7 +590,7 @@ pub fn wait_for_vm(
                         .unwrap_or_else(|e| e.into_inner())
                         .respond(c, Response::empty(204));
                 }
-                return Ok(Some(built));
+                return Ok(Ok(built));
             }
             Err(e) => log::warn!(
                 "incoming migration failed: {}; waiting for another",

@@ -171,6 +171,71 @@ pub struct MigrateRequest {
     /// Send at most this many MiB per second.
     #[serde(default)]
     pub bandwidth_mib: Option<u64>,
+    /// Also send a checksum of all guest memory at the stop; the destination compares.
+    #[serde(default)]
+    pub verify: bool,
+}
+
+/// Bytes of guest memory per `--verify` checksum.
+pub const VERIFY_CHUNK: usize = 1 << 20;
+
+/// A CRC-32 of each [`VERIFY_CHUNK`] of every region of `mem`, in order.
+pub fn memory_checksums(mem: &devices::GuestMemoryMmap) -> Result<Vec<u32>, String> {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; VERIFY_CHUNK];
+    for r in mem.iter() {
+        let mut at = 0u64;
+        while at < r.len() {
+            let n = (r.len() - at).min(VERIFY_CHUNK as u64) as usize;
+            mem.read_slice(
+                &mut buf[..n],
+                vm_memory::GuestAddress(r.start_addr().0 + at),
+            )
+            .map_err(|e| format!("cannot read guest memory: {e}"))?;
+            out.push(crc32fast::hash(&buf[..n]));
+            at += n as u64;
+        }
+    }
+    Ok(out)
+}
+
+/// Where `theirs` (the source's checksums) and `ours` differ: a refusal naming the first
+/// guest address, or None when they agree.
+pub fn compare_checksums(
+    mem: &devices::GuestMemoryMmap,
+    theirs: &[u32],
+    ours: &[u32],
+) -> Option<String> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    if theirs.len() != ours.len() {
+        return Some(format!(
+            "--verify: {} checksums for {} MiB of memory",
+            theirs.len(),
+            ours.len()
+        ));
+    }
+    let starts: Vec<u64> = mem
+        .iter()
+        .flat_map(|r| {
+            (0..r.len())
+                .step_by(VERIFY_CHUNK)
+                .map(move |o| r.start_addr().0 + o)
+        })
+        .collect();
+    let bad: Vec<u64> = theirs
+        .iter()
+        .zip(ours)
+        .zip(&starts)
+        .filter(|((a, b), _)| a != b)
+        .map(|(_, at)| *at)
+        .collect();
+    bad.first().map(|first| {
+        format!(
+            "--verify: guest memory differs from the source's in {} MiB, the first at {first:#x}",
+            bad.len()
+        )
+    })
 }
 
 /// `PUT /ember/receive-migration` (before a VM is configured): wait for one.

@@ -346,6 +346,11 @@ fn stop_and_send(
     pages.merge(&last);
     send_pages(ch, &setup.mem, &pages, false, ctl)?;
     setup.disks.finish(ch, ctl)?;
+    if setup.params.verify {
+        let sums = super::memory_checksums(&setup.mem).map_err(MigrationError::Vm)?;
+        let bytes: Vec<u8> = sums.iter().flat_map(|c| c.to_le_bytes()).collect();
+        ch.send(Kind::Verify, &[&bytes])?;
+    }
     let body = serde_json::to_vec(&state).map_err(|e| MigrationError::Vm(e.to_string()))?;
     ch.send(Kind::State, &[&body])?;
     ctl.update(|i| {

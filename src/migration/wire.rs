@@ -108,6 +108,8 @@ pub enum Kind {
     Go = 12,
     /// Destination: the VM runs.
     Running = 13,
+    /// Source (`--verify`): a CRC-32 per MiB of guest memory at the stop (u32 LE each).
+    Verify = 14,
 }
 
 impl Kind {
@@ -127,6 +129,7 @@ impl Kind {
             11 => Ready,
             12 => Go,
             13 => Running,
+            14 => Verify,
             _ => return None,
         })
     }
@@ -141,6 +144,7 @@ impl Kind {
             Kind::Disk => RANGE_HEADER + DISK_CHUNK,
             Kind::Iteration => 16,
             Kind::State => crate::snapshot::format::MAX_PAYLOAD as usize,
+            Kind::Verify => 4 << 20,
             Kind::Accept
             | Kind::StateOk
             | Kind::Released
