@@ -3,9 +3,10 @@
 The guest is the guest kit's Linux (vmlinux + initramfs, 1 vCPU) with two programs started
 on its console: a ticker that prints `T n` every few milliseconds (user code, so it runs at
 native speed here) and, for the dirtying cases, a program that rewrites a set of 1 MiB
-strings at a set rate (MiB/s). For each case and VMM: boot a source, start the programs,
-start a destination (`ember run --incoming` / `qemu -incoming`), migrate live with a 300 ms
-downtime limit, and measure:
+strings at a set rate (MiB/s). For each hop: set the dirtying rate, start a destination
+(`ember run --incoming` / `qemu -incoming`), migrate live from the last one with a 300 ms
+downtime limit, and measure (one boot per VMM and size; the guest moves on from hop to hop,
+one hop per case):
 
 - total time: the migrate command from start to end (ember migrate's wall time; qemu's
   `total-time`);
@@ -100,28 +101,31 @@ class Console:
         self.p.wait()
 
 
-def start_workload(c, rate, set_mib):
-    deadline = time.monotonic() + 120
+def wait_shell(c):
+    deadline = time.monotonic() + 300
     while True:
         c.type("echo BENCH-READY")
         try:
-            c.wait_for(lambda l: l.startswith("BENCH-READY"), 5)
-            break
+            c.wait_for(lambda l: l.startswith("BENCH-READY"), 10)
+            return
         except SystemExit:
             if time.monotonic() > deadline:
                 raise
+
+
+def set_dirtier(c, rate, set_mib):
+    """Stops the dirtier running in the guest (if any) and starts one at `rate` MiB/s."""
+    c.type("[ -f /tmp/d ] && kill $(cat /tmp/d)")
     if rate:
-        c.type(dirtier(rate, set_mib))
-    c.type(TICKER)
-    c.wait_for(lambda l: l == "T 200", 120)
-    time.sleep(3)  # the dirtier gets going
+        c.type(dirtier(rate, set_mib) + " echo $! >/tmp/d")
+    time.sleep(5)  # it gets going
 
 
 def guest_downtime(src, dst):
     """Last source tick to first destination tick, minus the usual gap between ticks."""
     s, d = src.ticks(), dst.ticks()
     if not s or not d:
-        return None
+        return None, None
     gaps = [b[0] - a[0] for a, b in zip(s[-200:], s[-199:])]
     usual = statistics.median(gaps) if gaps else 0
     return max(0.0, d[0][0] - s[-1][0] - usual) * 1000, d[0][1] - s[-1][1]
@@ -129,7 +133,7 @@ def guest_downtime(src, dst):
 
 class Qmp:
     def __init__(self, path):
-        for _ in range(100):
+        for _ in range(300):
             try:
                 self.s = socket.socket(socket.AF_UNIX)
                 self.s.connect(path)
@@ -145,110 +149,141 @@ class Qmp:
         self.f.flush()
         while True:
             r = json.loads(self.f.readline())
-            if "return" in r or "error" in r:
-                if "error" in r:
-                    raise SystemExit(f"qmp {name}: {r['error']}")
+            if "error" in r:
+                raise SystemExit(f"qmp {name}: {r['error']}")
+            if "return" in r:
                 return r["return"]
 
 
-def ember_case(mem, rate, set_mib, bandwidth, timeout, cmdline, tmp):
-    kit = peer.GUEST
-    env = dict(os.environ, EMBER_STATE_DIR=os.path.join(tmp, "state"))
-    port = free_port()
-    src = Console([peer.EMBER, "run", "--name", "bsrc", "--kernel", f"{kit}/vmlinux",
-                   "--initrd", f"{kit}/initramfs.cpio", "--memory", f"{mem}M",
-                   "--serial", "stdio", "--cmdline", cmdline], env)
-    dst = None
-    try:
-        src.wait_for(lambda l: "init reached" in l, BOOT_LIMIT)
-        start_workload(src, rate, set_mib)
-        dst = Console([peer.EMBER, "run", "--name", "bdst", "--incoming",
-                       f"tcp:127.0.0.1:{port}", "--serial", "stdio"], env)
-        time.sleep(1)
-        argv = [peer.EMBER, "migrate", "bsrc", f"tcp:127.0.0.1:{port}", "--live",
+class Ember:
+    """One ember process of a chain of migrations."""
+    name = "ember"
+
+    def __init__(self, tmp, mem, cmdline, hop, incoming=None):
+        self.env = dict(os.environ, EMBER_STATE_DIR=os.path.join(tmp, "state"))
+        self.vm = f"bench{hop}"
+        kit = peer.GUEST
+        if incoming is None:
+            argv = [peer.EMBER, "run", "--name", self.vm, "--kernel", f"{kit}/vmlinux",
+                    "--initrd", f"{kit}/initramfs.cpio", "--memory", f"{mem}M",
+                    "--serial", "stdio", "--cmdline", cmdline]
+        else:
+            argv = [peer.EMBER, "run", "--name", self.vm, "--incoming",
+                    f"tcp:127.0.0.1:{incoming}", "--serial", "stdio"]
+        self.c = Console(argv, self.env)
+        end = time.monotonic() + 60
+        while incoming is not None and time.monotonic() < end:
+            r = subprocess.run([peer.EMBER, "domjobinfo", self.vm], env=self.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            if "incoming" in r.stdout:
+                break
+            time.sleep(0.2)
+
+    def migrate(self, port, bandwidth, timeout):
+        argv = [peer.EMBER, "migrate", self.vm, f"tcp:127.0.0.1:{port}", "--live",
                 "--downtime", "300"]
         if bandwidth:
             argv += ["--bandwidth", str(bandwidth)]
         if timeout:
             argv += ["--timeout", str(timeout)]
         t0 = time.monotonic()
-        r = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+        r = subprocess.run(argv, env=self.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
         total = time.monotonic() - t0
         out = r.stdout + r.stderr
         if r.returncode != 0:
-            time.sleep(1)
-            still = src.p.poll() is None and src.ticks()[-1][0] > time.monotonic() - 1
-            return {"converged": False, "total_s": total, "source_runs": still,
-                    "note": out.strip().splitlines()[-1]}
-        m = re.search(r"([\d.]+) MiB sent in (\d+) ms over (\d+) passes, downtime (\d+) ms", out)
-        dst.wait_for(lambda l: re.fullmatch(r"T \d+", l) is not None, 60)
-        time.sleep(0.5)
-        g = guest_downtime(src, dst)
-        return {"converged": True, "total_s": total, "guest_ms": g[0], "tick_step": g[1],
-                "own_ms": float(m.group(4)), "sent_mib": float(m.group(1)),
-                "passes": int(m.group(3))}
-    finally:
-        src.stop()
-        if dst:
-            dst.stop()
+            return {"converged": False, "total_s": total, "note": out.strip()}
+        m = re.search(r"([\d.]+) MiB sent in (\d+) ms over (\d+) passes, downtime (\d+) ms",
+                      out)
+        return {"converged": True, "total_s": total, "own_ms": float(m.group(4)),
+                "sent_mib": float(m.group(1)), "passes": int(m.group(3))}
 
 
-def qemu_case(mem, rate, set_mib, bandwidth, timeout, cmdline, tmp):
-    kit = peer.GUEST
-    port = free_port()
-    base = peer.qemu_microvm(mem, f"{kit}/vmlinux", f"{kit}/initramfs.cpio")
-    src_qmp, dst_qmp = os.path.join(tmp, "src.qmp"), os.path.join(tmp, "dst.qmp")
-    src = Console(base + ["-append", cmdline, "-qmp", f"unix:{src_qmp},server=on,wait=off"])
-    dst = None
-    try:
-        src.wait_for(lambda l: "init reached" in l, BOOT_LIMIT)
-        start_workload(src, rate, set_mib)
-        dst = Console(base + ["-append", cmdline, "-qmp", f"unix:{dst_qmp},server=on,wait=off",
-                              "-incoming", f"tcp:127.0.0.1:{port}"])
-        q = Qmp(src_qmp)
-        params = {"downtime-limit": 300}
-        if bandwidth:
-            params["max-bandwidth"] = bandwidth << 20
-        q.cmd("migrate-set-parameters", **params)
+class Qemu:
+    """One qemu process of a chain of migrations."""
+    name = "qemu"
+
+    def __init__(self, tmp, mem, cmdline, hop, incoming=None):
+        kit = peer.GUEST
+        self.qmp_path = os.path.join(tmp, f"q{hop}.qmp")
+        argv = peer.qemu_microvm(mem, f"{kit}/vmlinux", f"{kit}/initramfs.cpio") + [
+            "-append", cmdline, "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if incoming is not None:
+            argv += ["-incoming", f"tcp:127.0.0.1:{incoming}"]
+        self.c = Console(argv)
+        self.qmp = Qmp(self.qmp_path)
+
+    def migrate(self, port, bandwidth, timeout):
+        params = {"downtime-limit": 300, "max-bandwidth": (bandwidth or 1 << 20) << 20}
+        self.qmp.cmd("migrate-set-parameters", **params)
         t0 = time.monotonic()
-        q.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        self.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         while True:
-            st = q.cmd("query-migrate")
+            st = self.qmp.cmd("query-migrate")
             if st.get("status") in ("completed", "failed", "cancelled"):
                 break
             if timeout and time.monotonic() - t0 > timeout:
-                q.cmd("migrate_cancel")
-                time.sleep(1)
-                st = q.cmd("query-migrate")
+                passes = st.get("ram", {}).get("dirty-sync-count", "?")
+                self.qmp.cmd("migrate_cancel")
                 return {"converged": False, "total_s": time.monotonic() - t0,
-                        "source_runs": q.cmd("query-status")["status"] == "running",
-                        "note": f"cancelled after {timeout} s, "
-                                f"{st.get('ram', {}).get('dirty-sync-count', '?')} passes"}
+                        "note": f"cancelled after {timeout} s, {passes} passes"}
             time.sleep(0.05)
         if st["status"] != "completed":
-            raise SystemExit(f"qemu migration {st['status']}: {st}")
-        dst.wait_for(lambda l: re.fullmatch(r"T \d+", l) is not None, 60)
-        time.sleep(0.5)
-        g = guest_downtime(src, dst)
-        return {"converged": True, "total_s": st["total-time"] / 1000, "guest_ms": g[0],
-                "tick_step": g[1], "own_ms": float(st.get("downtime", 0)),
+            return {"converged": False, "total_s": time.monotonic() - t0, "note": str(st)}
+        return {"converged": True, "total_s": st["total-time"] / 1000,
+                "own_ms": float(st.get("downtime", 0)),
                 "sent_mib": st["ram"]["transferred"] / (1 << 20),
                 "passes": st["ram"].get("dirty-sync-count", 0)}
-    finally:
-        src.stop()
-        if dst:
-            dst.stop()
 
 
-def row(name, case, mem, r):
+def chain(kind, mem, cases, cmdline, set_mib):
+    """Boots one guest and migrates it from hop to hop, one hop per case:
+    (label, dirtying rate, bandwidth cap, timeout). Returns a result per case."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        vms = [kind(tmp, mem, cmdline, 0)]
+        try:
+            src = vms[0]
+            src.c.wait_for(lambda l: "init reached" in l, BOOT_LIMIT)
+            wait_shell(src.c)
+            src.c.type(TICKER)
+            src.c.wait_for(lambda l: l == "T 200", 120)
+            for hop, (label, rate, bw, timeout) in enumerate(cases, 1):
+                set_dirtier(src.c, rate, set_mib)
+                port = free_port()
+                dst = kind(tmp, mem, cmdline, hop, incoming=port)
+                vms.append(dst)
+                r = src.migrate(port, bw, timeout)
+                if r["converged"]:
+                    dst.c.wait_for(lambda l: re.fullmatch(r"T \d+", l) is not None, 120)
+                    time.sleep(0.5)
+                    r["guest_ms"], r["tick_step"] = guest_downtime(src.c, dst.c)
+                    src = dst
+                else:
+                    time.sleep(2)
+                    t = src.c.ticks()
+                    r["source_runs"] = bool(t) and t[-1][0] > time.monotonic() - 1.5
+                    dst.c.stop()
+                r["label"] = label
+                out.append(r)
+                print(row(kind.name, mem, r), file=sys.stderr, flush=True)
+        finally:
+            for v in vms:
+                v.c.stop()
+    return out
+
+
+def row(name, mem, r):
+    case = r["label"]
     if r["converged"]:
-        return (f"{name:6s} {case:22s} {r['total_s']:8.2f} {r['guest_ms']:9.0f} "
+        guest = "?" if r.get("guest_ms") is None else f"{r['guest_ms']:.0f}"
+        return (f"{name:6s} {case:26s} {r['total_s']:8.2f} {guest:>9s} "
                 f"{r['own_ms']:8.0f} {r['sent_mib']:9.1f} {r['sent_mib'] / mem:7.2f} "
-                f"{r['passes']:6d}  tick +{r['tick_step']}")
-    return (f"{name:6s} {case:22s} {r['total_s']:8.2f} {'-':>9s} {'-':>8s} {'-':>9s} "
-            f"{'-':>7s} {'-':>6s}  not converged; source runs: {r['source_runs']}; "
-            f"{r['note']}")
+                f"{r['passes']:6d}")
+    note = r["note"].splitlines()[-1] if r["note"] else ""
+    return (f"{name:6s} {case:26s} {r['total_s']:8.2f} {'-':>9s} {'-':>8s} {'-':>9s} "
+            f"{'-':>7s} {'-':>6s}  gave up; guest runs on at the source: "
+            f"{r['source_runs']}; {note}")
 
 
 def main():
@@ -256,6 +291,8 @@ def main():
     ap.add_argument("--sizes", default="128,1024", help="guest RAM, MiB")
     ap.add_argument("--rate", type=int, default=32, help="dirtying rate, MiB/s")
     ap.add_argument("--set", type=int, default=32, help="dirtied set, MiB")
+    ap.add_argument("--link", type=int, default=16,
+                    help="bandwidth cap (MiB/s) of the convergence case")
     ap.add_argument("--vmms", default="ember,qemu")
     args = ap.parse_args()
     for f in ("vmlinux", "initramfs.cpio"):
@@ -263,22 +300,21 @@ def main():
             sys.exit(f"missing {peer.GUEST}/{f}: run tests/guest/build.sh first")
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=peer.REPO, check=True)
     cmdline = FLAGS + " ember.end=shell" + peer.clearcpuid(os.path.join(peer.GUEST, "vmlinux"))
-    cases = []
-    for mem in (int(s) for s in args.sizes.split(",")):
-        cases.append((mem, f"{mem} MiB idle", 0, None, None))
-        cases.append((mem, f"{mem} MiB dirty {args.rate} MiB/s", args.rate, None, None))
-    mem0 = int(args.sizes.split(",")[0])
-    cases.append((mem0, f"{mem0} MiB dirty {4 * args.rate}>16 MiB/s", 4 * args.rate, 16, 30))
-    runners = {"ember": ember_case, "qemu": qemu_case}
+    kinds = {"ember": Ember, "qemu": Qemu}
     lines = []
-    for mem, case, rate, bw, timeout in cases:
+    for i, mem in enumerate(int(s) for s in args.sizes.split(",")):
+        cases = [(f"{mem} MiB idle", 0, None, None),
+                 (f"{mem} MiB dirty {args.rate} MiB/s", args.rate, None, None)]
+        if i == 0:
+            fast = 4 * args.rate
+            cases.append((f"{mem} MiB dirty {fast}>{args.link} MiB/s", fast, args.link, 30))
         for name in args.vmms.split(","):
-            with tempfile.TemporaryDirectory() as tmp:
-                r = runners[name](mem, rate, min(args.set, mem // 4), bw, timeout, cmdline, tmp)
-            lines.append(row(name, case, mem, r))
-            print(lines[-1], file=sys.stderr, flush=True)
-    print("\nlive migration over loopback, guest kit Linux, 1 vCPU, downtime limit 300 ms")
-    print(f"{'VMM':6s} {'case':22s} {'total s':>8s} {'guest ms':>9s} {'own ms':>8s} "
+            for r in chain(kinds[name], mem, cases, cmdline, min(args.set, mem // 4)):
+                lines.append(row(name, mem, r))
+    print("\nlive migration over loopback, guest kit Linux (initramfs), 1 vCPU, downtime "
+          "limit 300 ms; guest ms = last tick at the source to the first at the destination, "
+          "less one tick gap")
+    print(f"{'VMM':6s} {'case':26s} {'total s':>8s} {'guest ms':>9s} {'own ms':>8s} "
           f"{'sent MiB':>9s} {'x RAM':>7s} {'passes':>6s}")
     for l in lines:
         print(l)
