@@ -11,6 +11,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -40,6 +41,33 @@ impl Lan {
 
     fn sh(&self, script: &str) -> std::process::Output {
         tool_ok("ip", &["netns", "exec", &self.0, "sh", "-c", script])
+    }
+
+    /// Whether this host side reaches `ip` (its ARP answer comes back): a datagram from
+    /// inside the namespace makes the kernel ask for it.
+    fn reaches(&self, ip: &str) -> bool {
+        let path = format!("/run/netns/{}", self.0);
+        let target = format!("{ip}:9");
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a namespace file we hold open.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns");
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let _ = s.send_to(b"x", &target);
+        })
+        .join()
+        .unwrap();
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            let neigh = self.sh(&format!("ip neigh show {ip}"));
+            let text = String::from_utf8_lossy(&neigh.stdout).into_owned();
+            if text.contains("lladdr 52:54:00") {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
     }
 
     fn ember(&self) -> Command {
@@ -359,7 +387,11 @@ fn linux_migrates_live_while_dirtying_memory_and_writing_its_qcow2_disk() {
             .any(|l| l.starts_with("52:54:00") && l.contains("dev tap1")),
         "the bridge learned the guest's MAC on the destination's tap: {fdb}"
     );
-    lan.sh("ping -c 2 -W 3 10.0.2.2 >/dev/null");
+    lan.sh("ip neigh flush dev br0");
+    assert!(
+        lan.reaches("10.0.2.2"),
+        "the host reaches the guest on the destination"
+    );
     dst.type_line(
         "ping -c 2 -W 3 10.0.2.1 >/dev/null && echo EMBER-PING2 ok || echo EMBER-PING2 fail",
     );
