@@ -305,7 +305,8 @@ fn listed(name: &str) -> bool {
 }
 
 /// The ticks of `src` then `dst` form 1, 2, 3, ... with no gap and no repeat, and the
-/// first at the destination came soon after the last at the source.
+/// first at the destination came soon after the last at the source (a loose bound: a
+/// debug build with --verify on a busy 2-core machine; the benchmark measures downtime).
 fn assert_continuous(src: &Lines, dst: &Lines) {
     let (s, d) = (src.ticks(), dst.ticks());
     assert!(
@@ -317,7 +318,7 @@ fn assert_continuous(src: &Lines, dst: &Lines) {
     assert_eq!(all, want, "ticks across the migration");
     let pause = d[0].0.saturating_duration_since(s.last().unwrap().0);
     assert!(
-        pause < Duration::from_secs(2),
+        pause < Duration::from_secs(5),
         "{pause:?} from the last tick there to the first here"
     );
 }
