@@ -16,6 +16,7 @@ pub mod img;
 pub mod jail;
 pub mod logger;
 pub mod memory;
+pub mod migration;
 pub mod net;
 pub mod run_state;
 pub mod seccomp;

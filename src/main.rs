@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ember::cli::{self, balloon, clone, defs, jail, run, snapshots, verbs};
+use ember::cli::{self, balloon, clone, defs, jail, migrate, run, snapshots, verbs};
 
 #[derive(Parser)]
 #[command(name = "ember", version, about = "A small hypervisor on Linux KVM", long_about = None)]
@@ -71,6 +71,12 @@ enum Command {
     /// Delete a snapshot
     #[command(name = "snapshot-delete")]
     SnapshotDelete(snapshots::SnapArgs),
+    /// Move a running VM to an 'ember run --incoming' on this or another host
+    Migrate(migrate::MigrateArgs),
+    /// Show a VM's migration job (progress, or how the last one ended)
+    Domjobinfo(verbs::NameArg),
+    /// Cancel a VM's migration (the VM goes on here)
+    Domjobabort(verbs::NameArg),
     /// Copy a defined VM: new name, MACs and disks (like virt-clone)
     Clone(clone::CloneArgs),
     /// Store a VM definition (a TOML file) under its name
@@ -125,6 +131,9 @@ fn main() -> ExitCode {
         Command::SnapshotInfo(a) => snapshots::info(a),
         Command::SnapshotRevert(a) => snapshots::revert(a),
         Command::SnapshotDelete(a) => snapshots::delete(a),
+        Command::Migrate(a) => migrate::migrate(a),
+        Command::Domjobinfo(a) => migrate::domjobinfo(a),
+        Command::Domjobabort(a) => migrate::domjobabort(a),
         Command::Clone(a) => clone::run(a),
         Command::Define(a) => defs::define(a),
         Command::Undefine(a) => defs::undefine(a),

@@ -2,7 +2,7 @@
 //! registration as KVM memory slots.
 
 use devices::GuestMemoryMmap;
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -43,6 +43,19 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
 
 /// Gives every region of `mem` to KVM as a memory slot.
 pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    set_slots(vm, mem, 0)
+}
+
+/// Turns KVM's dirty-page logging on or off for every memory slot (live migration): with it
+/// on, `KVM_GET_DIRTY_LOG` says which pages the guest wrote since the last call. Slot `i`
+/// is region `i` of `mem`.
+pub fn set_dirty_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<(), MemoryError> {
+    let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    set_slots(vm, mem, flags)
+}
+
+/// (Re)registers every region of `mem` as a KVM memory slot with `flags`.
+fn set_slots(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let host = region
@@ -53,7 +66,7 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
             })?;
         let desc = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

@@ -56,6 +56,8 @@ pub enum Outcome {
     Saved(String),
     /// The VM is to be brought back as its named snapshot was.
     Revert(String),
+    /// The VM runs on at this migration destination now; it ended here.
+    Migrated(String),
     /// The VM is to be built and booted again (`ember reset`, `ember reboot`, a guest
     /// reboot with `--reboot restart`).
     Restart,
@@ -79,6 +81,7 @@ impl Outcome {
             | Outcome::ConsoleQuit
             | Outcome::Destroyed
             | Outcome::Saved(_)
+            | Outcome::Migrated(_)
             | Outcome::Revert(_)
             | Outcome::Restart
             | Outcome::ExpectsMet => 0,

@@ -50,6 +50,9 @@ pub enum SessionError {
     /// The main thread's seccomp filter.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Waiting for an incoming migration.
+    #[error("--incoming")]
+    Migration(#[from] crate::migration::MigrationError),
 }
 
 impl SessionError {
@@ -59,6 +62,7 @@ impl SessionError {
             SessionError::Dir(VmDirError::InUse { .. })
             | SessionError::Api(ServerError::InUse(_))
             | SessionError::ConfigFile(..)
+            | SessionError::Migration(_)
             | SessionError::Console(ConsoleError::File { .. }) => true,
             SessionError::Vmm(e) => e.is_user_error(),
             _ => false,
@@ -87,6 +91,8 @@ pub struct RunRequest {
     pub on_ready: Option<OnReady>,
     /// Start from a snapshot (`ember run --restore`) instead of a kernel.
     pub restore: Option<RestoreSpec>,
+    /// Wait for the VM to come by migration (`ember run --incoming`).
+    pub incoming: Option<crate::migration::incoming::IncomingSpec>,
 }
 
 /// A VM to bring back from a snapshot, and what replaces the saved configuration.
@@ -110,6 +116,8 @@ enum Start {
     Boot(VmConfig),
     /// Restore a snapshot.
     Restore(RestoreSpec),
+    /// Wait for an incoming migration.
+    Incoming(crate::migration::ReceiveRequest),
 }
 
 /// What lives as long as the process.
@@ -252,6 +260,12 @@ pub fn run(mut req: RunRequest) -> Result<Outcome, SessionError> {
         let (vmm, cfg) = restore_vmm(&session, &spec, &serial)?;
         return run_vm(&session, &cfg, Some(vmm), on_ready);
     }
+    if let Some(spec) = req.incoming.take() {
+        if let Some(ready) = on_ready {
+            ready(&session);
+        }
+        return incoming(&session, &spec, &serial, None);
+    }
     match (req.config.take(), req.pending.take()) {
         (Some(mut c), _) => {
             c.serial = serial;
@@ -294,6 +308,10 @@ fn start_from_api(
                 (vmm.map(|v| (v, cfg)), "Start microvm error")
             }
             Start::Restore(spec) => (restore_vmm(session, &spec, &serial), "Load snapshot error"),
+            Start::Incoming(r) => match crate::migration::incoming::spec_of(&r) {
+                Ok(spec) => return incoming(session, &spec, &serial, Some(conn)),
+                Err(e) => (Err(SessionError::Migration(e)), "Receive migration error"),
+            },
         };
         let answer = match &built {
             Ok(_) => Response::empty(204),
@@ -308,6 +326,19 @@ fn start_from_api(
         if let Ok((vmm, cfg)) = built {
             return run_vm(session, &cfg, Some(vmm), None);
         }
+    }
+}
+
+/// Waits for the VM to come by migration, then runs it.
+fn incoming(
+    session: &Session,
+    spec: &crate::migration::incoming::IncomingSpec,
+    serial: &crate::config::SerialMode,
+    conn: Option<ConnId>,
+) -> Result<Outcome, SessionError> {
+    match crate::migration::incoming::wait_for_vm(session, spec, serial, conn)? {
+        Ok((vmm, cfg)) => run_vm(session, &cfg, Some(vmm), None),
+        Err(ended) => Ok(ended),
     }
 }
 
@@ -506,6 +537,8 @@ fn preboot_answer(
                 Err(e) => (Some(api::bad_request(&e)), None),
             }
         }
+        ApiRequest::ReceiveMigration(r) => return (None, Some(Start::Incoming(r))),
+        ApiRequest::MigrationInfo => Response::json(200, "{\"state\":\"none\"}".into()),
         ApiRequest::Action(_)
         | ApiRequest::PatchVm(_)
         | ApiRequest::EmberCounters
@@ -514,6 +547,8 @@ fn preboot_answer(
         | ApiRequest::SnapshotRevert(_)
         | ApiRequest::SnapshotDelete(_)
         | ApiRequest::EmberSave(_)
+        | ApiRequest::Migrate(_)
+        | ApiRequest::MigrationAbort
         | ApiRequest::EmberAction(_) => api::bad_request(msg::BEFORE_START),
         ApiRequest::EmberInfo => Response::json(
             200,

@@ -103,6 +103,14 @@ pub enum ApiRequest {
     SnapshotDelete(SnapshotName),
     /// `/balloon`, `/balloon/statistics`, `/ember/balloon`.
     Balloon(balloon::BalloonRequest),
+    /// `PUT /ember/migrate`: send the VM away (answered when the migration ends).
+    Migrate(crate::migration::MigrateRequest),
+    /// `GET /ember/migration`: the migration job's progress.
+    MigrationInfo,
+    /// `PUT /ember/migration/abort`.
+    MigrationAbort,
+    /// `PUT /ember/receive-migration`: wait for a VM (before one is configured).
+    ReceiveMigration(crate::migration::ReceiveRequest),
 }
 
 /// `PUT /ember/snapshots`.
@@ -209,6 +217,7 @@ fn route_get(req: &Request, parts: &[&str], first: &str) -> Result<ApiRequest, R
         ("ember", Some("info")) => Ok(ApiRequest::EmberInfo),
         ("ember", Some("counters")) => Ok(ApiRequest::EmberCounters),
         ("balloon", _) | ("ember", Some("balloon")) => balloon::route(req, parts),
+        ("ember", Some("migration")) => Ok(ApiRequest::MigrationInfo),
         _ => Err(unknown(req, first)),
     }
 }
@@ -244,6 +253,13 @@ fn route_put(req: &Request, parts: &[&str], first: &str) -> Result<ApiRequest, R
         }
         "ember" if parts.get(1) == Some(&"actions") => Ok(ApiRequest::EmberAction(body(req)?)),
         "ember" if parts.get(1) == Some(&"save") => Ok(ApiRequest::EmberSave(body(req)?)),
+        "ember" if parts.get(1) == Some(&"migrate") => Ok(ApiRequest::Migrate(body(req)?)),
+        "ember" if parts.get(1..) == Some(&["migration", "abort"]) => {
+            Ok(ApiRequest::MigrationAbort)
+        }
+        "ember" if parts.get(1) == Some(&"receive-migration") => {
+            Ok(ApiRequest::ReceiveMigration(body(req)?))
+        }
         "ember" if parts.get(1) == Some(&"snapshots") => match parts.get(2).copied() {
             None => Ok(ApiRequest::SnapshotCreateAs(body(req)?)),
             Some("revert") => Ok(ApiRequest::SnapshotRevert(body(req)?)),
@@ -359,6 +375,35 @@ mod tests {
             "{msg}"
         );
         assert!(msg.ends_with('.'));
+    }
+
+    #[test]
+    fn migration_endpoints_route() {
+        assert_eq!(
+            route(&req("GET", "/ember/migration", "")),
+            Ok(ApiRequest::MigrationInfo)
+        );
+        assert_eq!(
+            route(&req("PUT", "/ember/migration/abort", "{}")),
+            Ok(ApiRequest::MigrationAbort)
+        );
+        let Ok(ApiRequest::Migrate(m)) = route(&req(
+            "PUT",
+            "/ember/migrate",
+            r#"{"url":"tcp:127.0.0.1:4444","live":true}"#,
+        )) else {
+            panic!("not routed");
+        };
+        assert!(m.live);
+        assert!(matches!(
+            route(&req(
+                "PUT",
+                "/ember/receive-migration",
+                r#"{"url":"tcp:0.0.0.0:4444"}"#
+            )),
+            Ok(ApiRequest::ReceiveMigration(_))
+        ));
+        assert!(route(&req("PUT", "/ember/migrate", r#"{"live":true}"#)).is_err());
     }
 
     #[test]

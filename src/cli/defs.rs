@@ -214,6 +214,7 @@ fn start_here(name: &str) -> ExitCode {
         no_api: false,
         on_ready: None,
         restore: None,
+        incoming: None,
     };
     super::run::run_request(&mut req)
 }

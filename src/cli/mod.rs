@@ -24,6 +24,7 @@ pub mod console;
 pub mod defs;
 pub mod detach;
 pub mod jail;
+pub mod migrate;
 pub mod run;
 pub mod snapshots;
 pub mod test;

@@ -18,6 +18,9 @@ use crate::config::{
     VmConfig,
 };
 use crate::console::{is_terminal, RawTerminal};
+use crate::migration::incoming::IncomingSpec;
+use crate::migration::wire::AuthKey;
+use crate::migration::Endpoint;
 use crate::run_state::Outcome;
 use crate::session::{self, RestoreSpec, RunRequest, Session};
 use crate::{error_chain, signals};
@@ -117,6 +120,17 @@ pub struct RunArgs {
     /// With --restore: start with the vCPUs paused
     #[arg(long, requires = "restore")]
     pub paused: bool,
+    /// Wait for the VM to come from another Ember by migration ('ember migrate'), listening
+    /// on tcp:ADDR:PORT [qemu: -incoming]; --name, --serial, --net and --disk (matched by
+    /// id, else by position) replace the source's, and --cpu-features hides features this
+    /// side will not offer
+    #[arg(long, value_name = "tcp:ADDR:PORT",
+          conflicts_with_all = ["kernel", "config_file", "restore"])]
+    pub incoming: Option<String>,
+    /// With --incoming: take only migrations that authenticate with the shared key in FILE
+    /// (HMAC-SHA256 on the handshake and every message; nothing is encrypted)
+    #[arg(long, value_name = "FILE", requires = "incoming")]
+    pub auth_key: Option<PathBuf>,
     /// End the run after DURATION (30s, 2m, 500ms, 1h; a bare number is seconds), counted
     /// from the start: exit status 124, the last serial lines on stderr
     #[arg(long, value_name = "DURATION", help_heading = "Checks (CI)")]
@@ -226,6 +240,40 @@ impl RunArgs {
         config::check_readable_file("--restore", state)?;
         let memory = crate::snapshot::memory_path_for(state);
         config::check_readable_file("--restore (memory file)", &memory)?;
+        let (nets, disks) = self.device_overrides()?;
+        Ok(RestoreSpec {
+            state: state.to_path_buf(),
+            memory,
+            paused: self.paused.then_some(true),
+            nets,
+            disks,
+        })
+    }
+
+    /// What `--incoming` asks for.
+    fn incoming_spec(&self, url: &str) -> Result<IncomingSpec, ConfigError> {
+        let (nets, disks) = self.device_overrides()?;
+        let key = match &self.auth_key {
+            Some(p) => Some(AuthKey::from_file(p).map_err(|e| ConfigError::new("--auth-key", e))?),
+            None => None,
+        };
+        let cpu_features = match &self.cpu_features {
+            Some(list) => parse_text::<config::CpuFeatures>("--cpu-features", list)?.0,
+            None => Default::default(),
+        };
+        Ok(IncomingSpec {
+            endpoint: Endpoint::parse(url)
+                .map_err(|e| ConfigError::new("--incoming", e.to_string()))?,
+            key,
+            nets,
+            disks,
+            cpu_features,
+        })
+    }
+
+    /// `--net` and `--disk` as replacements of a saved or migrated VM's, by id (else
+    /// position).
+    fn device_overrides(&self) -> Result<(Vec<NetConfig>, Vec<DiskConfig>), ConfigError> {
         let nets = self
             .net
             .iter()
@@ -246,13 +294,7 @@ impl RunArgs {
                 Ok(d)
             })
             .collect::<Result<_, ConfigError>>()?;
-        Ok(RestoreSpec {
-            state: state.to_path_buf(),
-            memory,
-            paused: self.paused.then_some(true),
-            nets,
-            disks,
-        })
+        Ok((nets, disks))
     }
 
     /// The checks the options ask for; the timeout starts counting now.
@@ -296,6 +338,7 @@ impl RunArgs {
             && self.kernel.is_none()
             && self.config_file.is_none()
             && self.restore.is_none()
+            && self.incoming.is_none()
         {
             return Err(ConfigError::new(
                 "--no-api",
@@ -314,8 +357,13 @@ impl RunArgs {
             Some(state) => Some(self.restore_spec(state)?),
             None => None,
         };
+        let incoming = match &self.incoming {
+            Some(url) => Some(self.incoming_spec(url)?),
+            None => None,
+        };
         Ok(RunRequest {
             restore,
+            incoming,
             name,
             config,
             pending,
@@ -381,6 +429,7 @@ fn report(outcome: &Outcome, watch: Option<&OutputWatch>) {
         Outcome::Reset => log::debug!("guest reset"),
         Outcome::Destroyed => log::info!("VM destroyed"),
         Outcome::Saved(path) => log::info!("VM saved to {path}"),
+        Outcome::Migrated(to) => eprintln!("ember: the VM migrated to {to}; it runs there now"),
         Outcome::Revert(name) => log::info!("VM reverted to snapshot {name}"),
         Outcome::Restart => log::debug!("VM restarted"),
         Outcome::DebugExit(code) => log::debug!("guest exited through debug-exit: {code}"),
@@ -467,6 +516,7 @@ fn run_checked(req: &mut RunRequest, checks: RunChecks) -> ExitCode {
         serial: req.serial.clone(),
         on_ready: req.on_ready.take(),
         restore: req.restore.take(),
+        incoming: req.incoming.take(),
     };
     let result = session::run(taken);
     drop(raw);

@@ -40,6 +40,7 @@ ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
 // A vCPU's fd.
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
@@ -114,6 +115,11 @@ pub fn kvm_vm() -> Vec<c_ulong> {
         KVM_GET_PIT2(),
         KVM_SET_PIT2(),
     ]
+}
+
+/// KVM requests a live migration's source makes on the VM's fd: the dirty page bitmaps.
+pub fn kvm_migration() -> Vec<c_ulong> {
+    vec![KVM_GET_DIRTY_LOG()]
 }
 
 /// KVM requests a vCPU thread makes: on its own fd, running, reading its state for a

@@ -257,6 +257,29 @@ fn events(t: &mut Table) {
     ]);
 }
 
+/// Live migration: the source's thread connects to the destination and reads KVM's dirty
+/// page bitmaps; the destination listens and accepts one connection. TCP over IPv4 or
+/// IPv6 only.
+fn migration(t: &mut Table) -> Result<(), BackendError> {
+    use libc::*;
+    t.allow(&[
+        SYS_connect,
+        SYS_bind,
+        SYS_listen,
+        SYS_getsockname,
+        SYS_getpeername,
+    ]);
+    let stream = |family: i32| {
+        rule(vec![
+            eq(0, family as u64)?,
+            Cond::new(1, Len::Dword, Op::MaskedEq(0xf), SOCK_STREAM as u64)?,
+        ])
+    };
+    t.allow_if(SYS_socket, vec![stream(AF_INET)?, stream(AF_INET6)?]);
+    t.allow_if(SYS_ioctl, ioctls(&ioctls::kvm_migration())?);
+    Ok(())
+}
+
 /// The VMM's main thread (event loop, devices, API server, console hub): everything a
 /// vCPU does, plus building the VM again in this process (a reset, a revert, a restore
 /// through the API: /dev/kvm, memory, vCPUs, disks and taps opened anew, vCPU threads
@@ -267,6 +290,7 @@ pub fn vmm(pid: libc::pid_t) -> Built {
     let mut t = vcpu()?;
     files(&mut t)?;
     events(&mut t);
+    migration(&mut t)?;
     t.allow(&[
         SYS_set_robust_list,
         SYS_rseq,

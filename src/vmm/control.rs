@@ -10,6 +10,23 @@ use crate::api::{self, ApiRequest, EmberAction, EmberActionType, ShutdownMode};
 use crate::run_state::{Outcome, VmState};
 use crate::session::Session;
 
+/// Requests that change the VM's run state or rebuild it.
+fn changes_the_vm(req: &ApiRequest) -> bool {
+    match req {
+        ApiRequest::PatchVm(_)
+        | ApiRequest::EmberSave(_)
+        | ApiRequest::SnapshotCreate(_)
+        | ApiRequest::SnapshotCreateAs(_)
+        | ApiRequest::SnapshotRevert(_)
+        | ApiRequest::SnapshotDelete(_) => true,
+        ApiRequest::EmberAction(a) => matches!(
+            a.action_type,
+            EmberActionType::Reset | EmberActionType::Reboot
+        ),
+        _ => false,
+    }
+}
+
 impl Vmm {
     /// Answers every request the API server holds.
     pub(super) fn serve_api(&mut self, session: &Session) {
@@ -25,6 +42,10 @@ impl Vmm {
                 break;
             };
             let resp = match api::route(&req) {
+                Ok(ApiRequest::Migrate(m)) => match self.start_migration(m, conn) {
+                    Ok(()) => continue, // answered when the migration ends
+                    Err(r) => r,
+                },
                 Ok(r) => self.handle(r, session),
                 Err(resp) => resp,
             };
@@ -36,6 +57,12 @@ impl Vmm {
     }
 
     fn handle(&mut self, req: ApiRequest, session: &Session) -> Response {
+        if self.migration_holds() && changes_the_vm(&req) {
+            return Response::fault(
+                409,
+                "a migration of this VM is under way; cancel it first (ember domjobabort)",
+            );
+        }
         match req {
             ApiRequest::InstanceInfo => session.instance_info(self.state),
             ApiRequest::Version => crate::session::version_response(),
@@ -87,6 +114,11 @@ impl Vmm {
             ApiRequest::SnapshotRevert(s) => self.revert_to(&s.name),
             ApiRequest::SnapshotDelete(s) => self.delete_named(&s.name),
             ApiRequest::Balloon(b) => self.balloon_request(b),
+            ApiRequest::MigrationInfo => self.migration_info(),
+            ApiRequest::MigrationAbort => self.abort_migration(),
+            ApiRequest::Migrate(_) | ApiRequest::ReceiveMigration(_) => api::bad_request(
+                "this VM runs already; receive-migration is for an Ember that waits for one",
+            ),
         }
     }
 

@@ -6,6 +6,7 @@
 mod balloon;
 mod control;
 pub mod cpuid;
+mod migrate;
 mod named;
 mod snapshot;
 
@@ -150,6 +151,8 @@ pub struct Vmm {
     kvm: Kvm,
     mem: GuestMemoryMmap,
     plan: cpuid::CpuidPlan,
+    /// An outgoing migration, if one runs or ran.
+    migration: migrate::Migration,
 }
 
 fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmmError> {
@@ -259,6 +262,7 @@ impl Vmm {
             kvm,
             mem,
             plan,
+            migration: Default::default(),
         })
     }
 
@@ -373,6 +377,7 @@ impl Vmm {
                 self.handles.iter().for_each(VcpuHandle::kick);
             }
             self.serve_api(session);
+            self.serve_migration(session);
         }
         self.stop_vcpus();
         let outcome = self
@@ -447,6 +452,7 @@ impl Vmm {
         if self.state == VmState::Running {
             return Ok(());
         }
+        self.reopen_disks()?;
         self.tell_vcpus(
             || VcpuEvent::Resume,
             |r| matches!(r, VcpuResponse::Resumed).then_some(()),

@@ -49,7 +49,8 @@ fn create_overlay(path: &Path, base: &Path, format: ImageFormat, size: u64) -> R
 }
 
 impl Vmm {
-    fn blocks(&self) -> Vec<(String, Arc<Mutex<Block>>)> {
+    /// The VM's disks with their ids.
+    pub(super) fn blocks(&self) -> Vec<(String, Arc<Mutex<Block>>)> {
         self.devices
             .virtio_devices()
             .filter_map(|(id, h)| match h {

@@ -1,0 +1,233 @@
+//! Which guest pages changed: KVM's dirty log (the guest's writes) OR'ed with the guest
+//! memory's own bitmap (Ember's writes through [`GuestMemoryMmap`]: used rings, block reads,
+//! received frames). Both are read and cleared at once per pass, so a page written after a
+//! pass read its bit is in the next pass.
+
+use std::sync::Arc;
+
+use devices::GuestMemoryMmap;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::wire::PAGE;
+use crate::memory::{self, MemoryError};
+
+/// Why dirty pages cannot be tracked.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    /// Turning logging on or off.
+    #[error("cannot switch KVM's dirty-page logging")]
+    Switch(#[source] MemoryError),
+    /// Reading the log.
+    #[error("KVM_GET_DIRTY_LOG failed for memory slot {0}")]
+    Read(u32, #[source] kvm_ioctls::Error),
+}
+
+/// A set of guest pages, per memory region: one bit per page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageSet {
+    /// (guest address, bytes, bitmap words) per region.
+    regions: Vec<(u64, u64, Vec<u64>)>,
+}
+
+impl PageSet {
+    /// No pages of `mem`.
+    pub fn empty(mem: &GuestMemoryMmap) -> Self {
+        let regions = mem
+            .iter()
+            .map(|r| {
+                let pages = r.len().div_ceil(PAGE as u64);
+                (
+                    r.start_addr().0,
+                    r.len(),
+                    vec![0; pages.div_ceil(64) as usize],
+                )
+            })
+            .collect();
+        PageSet { regions }
+    }
+
+    /// Every page of `mem`.
+    pub fn all(mem: &GuestMemoryMmap) -> Self {
+        let mut s = Self::empty(mem);
+        for (_, len, words) in &mut s.regions {
+            let pages = len.div_ceil(PAGE as u64);
+            for (i, w) in words.iter_mut().enumerate() {
+                let first = i as u64 * 64;
+                let n = pages.saturating_sub(first).min(64);
+                *w = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+            }
+        }
+        s
+    }
+
+    /// Adds the pages of `words` to region `index` (bits past its end are ignored).
+    fn or_region(&mut self, index: usize, words: &[u64]) {
+        let Some((_, len, mine)) = self.regions.get_mut(index) else {
+            return;
+        };
+        for (m, w) in mine.iter_mut().zip(words) {
+            *m |= *w;
+        }
+        let pages = len.div_ceil(PAGE as u64);
+        if pages % 64 != 0 {
+            if let Some(last) = mine.last_mut() {
+                *last &= (1u64 << (pages % 64)) - 1;
+            }
+        }
+    }
+
+    /// Adds the pages of `other` (a set over the same memory).
+    pub fn merge(&mut self, other: &PageSet) {
+        for (i, (_, _, words)) in other.regions.iter().enumerate() {
+            self.or_region(i, words);
+        }
+    }
+
+    /// How many pages.
+    pub fn count(&self) -> u64 {
+        self.regions
+            .iter()
+            .flat_map(|(_, _, w)| w.iter())
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// The pages as runs (guest address, pages) of at most `max` pages each, in address
+    /// order.
+    pub fn runs(&self, max: usize) -> Vec<(u64, usize)> {
+        let mut out: Vec<(u64, usize)> = Vec::new();
+        for (start, _, words) in &self.regions {
+            let mut run: Option<(u64, usize)> = None;
+            for (i, w) in words.iter().enumerate() {
+                if *w == 0 {
+                    out.extend(run.take());
+                    continue;
+                }
+                for bit in 0..64 {
+                    let addr = start + ((i * 64 + bit) * PAGE) as u64;
+                    match (&mut run, w & (1 << bit) != 0) {
+                        (Some((_, n)), true) if *n < max => *n += 1,
+                        (r, true) => {
+                            out.extend(r.take());
+                            *r = Some((addr, 1));
+                        }
+                        (r, false) => out.extend(r.take()),
+                    }
+                }
+            }
+            out.extend(run);
+        }
+        out
+    }
+}
+
+/// Takes and clears the pages Ember wrote through `mem` since the last call.
+pub fn take_vmm_dirty(mem: &GuestMemoryMmap, into: &mut PageSet) {
+    for (i, r) in mem.iter().enumerate() {
+        // The region's own bitmap (the trait's bitmap() is a slice view of it).
+        let bitmap: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(r);
+        into.or_region(i, &bitmap.get_and_reset());
+    }
+}
+
+/// Dirty-page logging on one VM, on from [`Tracker::start`] until dropped.
+pub struct Tracker {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+}
+
+impl Tracker {
+    /// Turns logging on for every slot and forgets what was marked before.
+    pub fn start(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Result<Self, DirtyError> {
+        memory::set_dirty_logging(&vm, &mem, true).map_err(DirtyError::Switch)?;
+        let t = Tracker { vm, mem };
+        t.take()?;
+        Ok(t)
+    }
+
+    /// The pages written since the last call (or since the start), by the guest or Ember.
+    pub fn take(&self) -> Result<PageSet, DirtyError> {
+        let mut set = PageSet::empty(&self.mem);
+        for (slot, r) in self.mem.iter().enumerate() {
+            let words = self
+                .vm
+                .get_dirty_log(slot as u32, r.len() as usize)
+                .map_err(|e| DirtyError::Read(slot as u32, e))?;
+            set.or_region(slot, &words);
+        }
+        take_vmm_dirty(&self.mem, &mut set);
+        Ok(set)
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if let Err(e) = memory::set_dirty_logging(&self.vm, &self.mem, false) {
+            log::warn!(
+                "cannot turn dirty-page logging off: {}",
+                crate::error_chain(&e)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(4 << 20), 130 * 4096),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn all_pages_of_each_region_and_no_more() {
+        let m = mem();
+        let all = PageSet::all(&m);
+        assert_eq!(all.count(), 256 + 130);
+        assert_eq!(all.runs(1000), vec![(0, 256), (4 << 20, 130)]);
+        assert_eq!(all.runs(100).len(), 3 + 2);
+        assert_eq!(PageSet::empty(&m).count(), 0);
+    }
+
+    #[test]
+    fn runs_split_at_gaps_and_at_the_maximum() {
+        let m = mem();
+        let mut s = PageSet::empty(&m);
+        s.or_region(0, &[0b1011, 0, 0, 1 << 63]);
+        assert_eq!(s.runs(256), vec![(0, 2), (3 * 4096, 1), (255 * 4096, 1)]);
+        assert_eq!(
+            s.runs(1),
+            vec![(0, 1), (4096, 1), (3 * 4096, 1), (255 * 4096, 1)]
+        );
+    }
+
+    #[test]
+    fn bits_past_a_region_end_are_dropped() {
+        let m = mem();
+        let mut s = PageSet::empty(&m);
+        s.or_region(1, &[u64::MAX, u64::MAX, u64::MAX]);
+        assert_eq!(s.count(), 130);
+        s.or_region(7, &[1]);
+        assert_eq!(s.count(), 130);
+    }
+
+    #[test]
+    fn ember_writes_are_taken_once() {
+        let m = mem();
+        let mut s = PageSet::empty(&m);
+        take_vmm_dirty(&m, &mut s);
+        assert_eq!(s.count(), 0, "a new memory has nothing marked");
+        m.write_slice(&[1u8; 5000], GuestAddress(4 << 20)).unwrap();
+        take_vmm_dirty(&m, &mut s);
+        assert_eq!(s.runs(256), vec![(4 << 20, 2)]);
+        let mut again = PageSet::empty(&m);
+        take_vmm_dirty(&m, &mut again);
+        assert_eq!(again.count(), 0, "taking clears");
+    }
+}
