@@ -128,26 +128,31 @@ impl SnapshotState {
                 self.config.cpus.boot
             )));
         }
+        // A virtio device's transport state is in `virtio` (mmio) or `pci`.
         let devices = self.config.virtio_devices();
-        if self.devices.virtio.len() != devices {
+        let saved = self.devices.virtio.len() + self.devices.pci.len();
+        if saved != devices {
             return Err(SnapshotError::Invalid(format!(
-                "{} virtio device states for {devices} devices",
-                self.devices.virtio.len()
+                "{saved} virtio device states for {devices} devices"
             )));
         }
         let ids: Vec<&str> = (self.config.disks.iter().map(|d| d.id()))
             .chain(self.config.nets.iter().map(|n| n.id()))
+            .chain(
+                self.config
+                    .balloon
+                    .as_ref()
+                    .map(|_| crate::config::BALLOON_ID),
+            )
             .collect();
-        if let Some(v) = self
-            .devices
-            .virtio
-            .iter()
-            .find(|v| !ids.contains(&v.id.as_str()))
-        {
-            return Err(SnapshotError::Invalid(format!(
-                "virtio device state {} is for no disk or NIC of its configuration",
-                v.id
-            )));
+        let saved_ids = (self.devices.virtio.iter().map(|v| v.id.as_str()))
+            .chain(self.devices.pci.iter().map(|p| p.id.as_str()));
+        for id in saved_ids {
+            if !ids.contains(&id) {
+                return Err(SnapshotError::Invalid(format!(
+                    "virtio device state {id} is for no disk, NIC or balloon of its configuration"
+                )));
+            }
         }
         if self.devices.pvpanic.is_some() != self.config.pvpanic {
             return Err(SnapshotError::Invalid(
