@@ -9,6 +9,7 @@
 pub mod disks;
 pub mod format;
 pub mod memory;
+pub mod rebase;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -100,6 +101,9 @@ pub enum SnapshotError {
     /// A device refused its state.
     #[error("device state")]
     Device(#[from] devices::persist::StateError),
+    /// The dirty-page log cannot be read.
+    #[error("dirty-page tracking")]
+    Dirty(#[source] crate::dirty::DirtyError),
     /// The vCPUs could not be reached.
     #[error("{0}")]
     Vcpu(String),

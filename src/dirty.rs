@@ -1,16 +1,22 @@
 //! Which guest pages changed: KVM's dirty log (the guest's writes) OR'ed with the guest
 //! memory's own bitmap (Ember's writes through [`GuestMemoryMmap`]: used rings, block reads,
-//! received frames). Both are read and cleared at once per pass, so a page written after a
-//! pass read its bit is in the next pass.
+//! received frames).
+//!
+//! One [`DirtyLog`] per VM owns both sources; each user of it (live migration's passes, diff
+//! snapshots) holds a [`Tracker`] with its own set of pages. Reading the sources clears them,
+//! so every read hands what it found to every tracker: one user taking its pages never
+//! takes them from another. KVM's logging is on while at least one tracker lives.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use devices::GuestMemoryMmap;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::wire::PAGE;
 use crate::memory::{self, MemoryError};
+
+/// The page size of the dirty log.
+pub const PAGE: usize = 4096;
 
 /// Why dirty pages cannot be tracked.
 #[derive(Debug, thiserror::Error)]
@@ -131,43 +137,116 @@ pub fn take_vmm_dirty(mem: &GuestMemoryMmap, into: &mut PageSet) {
     }
 }
 
-/// Dirty-page logging on one VM, on from [`Tracker::start`] until dropped.
-pub struct Tracker {
+/// A VM's dirty-page log, shared by its trackers.
+pub struct DirtyLog {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
+    /// Each live tracker's id and the pages it has not taken yet.
+    trackers: Mutex<Vec<(u64, PageSet)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl DirtyLog {
+    /// The log of the VM `vm` whose memory is `mem` (slot `i` is region `i`); logging is
+    /// off until a tracker starts.
+    pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Arc<Self> {
+        Arc::new(DirtyLog {
+            vm,
+            mem,
+            trackers: Mutex::new(Vec::new()),
+            next_id: Default::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, PageSet)>> {
+        self.trackers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads (and clears) KVM's log, when it is on, and Ember's bitmap into every tracker.
+    fn collect(&self, trackers: &mut [(u64, PageSet)]) -> Result<(), DirtyError> {
+        let mut set = PageSet::empty(&self.mem);
+        if !trackers.is_empty() {
+            for (slot, r) in self.mem.iter().enumerate() {
+                let words = self
+                    .vm
+                    .get_dirty_log(slot as u32, r.len() as usize)
+                    .map_err(|e| DirtyError::Read(slot as u32, e))?;
+                set.or_region(slot, &words);
+            }
+        }
+        take_vmm_dirty(&self.mem, &mut set);
+        for (_, pages) in trackers.iter_mut() {
+            pages.merge(&set);
+        }
+        Ok(())
+    }
+}
+
+/// One user's view of a [`DirtyLog`]: the pages written since it started or last took them.
+pub struct Tracker {
+    log: Arc<DirtyLog>,
+    id: u64,
 }
 
 impl Tracker {
-    /// Turns logging on for every slot and forgets what was marked before.
-    pub fn start(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Result<Self, DirtyError> {
-        memory::set_dirty_logging(&vm, &mem, true).map_err(DirtyError::Switch)?;
-        let t = Tracker { vm, mem };
-        t.take()?;
-        Ok(t)
+    /// Starts a tracker on `log`, turning KVM's logging on if it is the first. Its first
+    /// [`Tracker::take`] holds the pages written since, and those Ember wrote before that no
+    /// tracker took yet (a superset never hurts: a page sent or saved twice is still right).
+    pub fn start(log: &Arc<DirtyLog>) -> Result<Self, DirtyError> {
+        let mut trackers = log.lock();
+        if trackers.is_empty() {
+            memory::set_dirty_logging(&log.vm, &log.mem, true).map_err(DirtyError::Switch)?;
+        } else {
+            log.collect(&mut trackers)?;
+        }
+        let id = log
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        trackers.push((id, PageSet::empty(&log.mem)));
+        Ok(Tracker {
+            log: log.clone(),
+            id,
+        })
     }
 
     /// The pages written since the last call (or since the start), by the guest or Ember.
     pub fn take(&self) -> Result<PageSet, DirtyError> {
-        let mut set = PageSet::empty(&self.mem);
-        for (slot, r) in self.mem.iter().enumerate() {
-            let words = self
-                .vm
-                .get_dirty_log(slot as u32, r.len() as usize)
-                .map_err(|e| DirtyError::Read(slot as u32, e))?;
-            set.or_region(slot, &words);
+        let mut trackers = self.log.lock();
+        self.log.collect(&mut trackers)?;
+        let mine = trackers.iter_mut().find(|(id, _)| *id == self.id);
+        let empty = PageSet::empty(&self.log.mem);
+        Ok(mine.map_or(empty.clone(), |(_, p)| std::mem::replace(p, empty)))
+    }
+
+    /// Gives `pages` back (a snapshot that failed to write them): the next take has them.
+    pub fn put_back(&self, pages: &PageSet) {
+        let mut trackers = self.log.lock();
+        if let Some((_, p)) = trackers.iter_mut().find(|(id, _)| *id == self.id) {
+            p.merge(pages);
         }
-        take_vmm_dirty(&self.mem, &mut set);
-        Ok(set)
+    }
+
+    /// Marks every page written (the next take holds them all).
+    pub fn mark_all(&self) {
+        self.put_back(&PageSet::all(&self.log.mem));
     }
 }
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if let Err(e) = memory::set_dirty_logging(&self.vm, &self.mem, false) {
-            log::warn!(
-                "cannot turn dirty-page logging off: {}",
-                crate::error_chain(&e)
-            );
+        let mut trackers = self.log.lock();
+        // What this tracker read on the others' behalf stays with them.
+        if let Err(e) = self.log.collect(&mut trackers) {
+            log::warn!("cannot read the dirty log: {}", crate::error_chain(&e));
+        }
+        trackers.retain(|(id, _)| *id != self.id);
+        if trackers.is_empty() {
+            if let Err(e) = memory::set_dirty_logging(&self.log.vm, &self.log.mem, false) {
+                log::warn!(
+                    "cannot turn dirty-page logging off: {}",
+                    crate::error_chain(&e)
+                );
+            }
         }
     }
 }
