@@ -296,6 +296,57 @@ mod tests {
         assert_eq!(s.count(), 130);
     }
 
+    /// A KVM VM with `mem` registered as its slots.
+    fn vm_with(m: &GuestMemoryMmap) -> Arc<VmFd> {
+        let kvm = kvm_ioctls::Kvm::new()
+            .unwrap_or_else(|e| panic!("this test needs /dev/kvm, which cannot be opened: {e}"));
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        memory::register_with_kvm(&vm, m).unwrap();
+        vm
+    }
+
+    #[test]
+    fn every_tracker_gets_every_page_and_logging_lives_as_long_as_one() {
+        let m = mem();
+        let vm = vm_with(&m);
+        let log = DirtyLog::new(vm.clone(), m.clone());
+        let snapshots = Tracker::start(&log).unwrap();
+        m.write_slice(&[1u8; 10], GuestAddress(0x3000)).unwrap();
+        let migration = Tracker::start(&log).unwrap();
+        m.write_slice(&[1u8; 10], GuestAddress(0x8000)).unwrap();
+        let pass = migration.take().unwrap();
+        assert!(
+            pass.runs(256).contains(&(0x8000, 1)),
+            "{:?}",
+            pass.runs(256)
+        );
+        drop(migration);
+        assert!(
+            vm.get_dirty_log(0, 1 << 20).is_ok(),
+            "logging stays on while a tracker lives"
+        );
+        let all = snapshots.take().unwrap();
+        assert_eq!(
+            all.runs(256),
+            vec![(0x3000, 1), (0x8000, 1)],
+            "the migration's take did not take the snapshots' pages"
+        );
+        assert_eq!(snapshots.take().unwrap().count(), 0, "taking clears");
+        snapshots.put_back(&all);
+        assert_eq!(
+            snapshots.take().unwrap(),
+            all,
+            "pages given back come again"
+        );
+        snapshots.mark_all();
+        assert_eq!(snapshots.take().unwrap(), PageSet::all(&m));
+        drop(snapshots);
+        assert!(
+            vm.get_dirty_log(0, 1 << 20).is_err(),
+            "logging is off with the last tracker"
+        );
+    }
+
     #[test]
     fn ember_writes_are_taken_once() {
         let m = mem();

@@ -720,7 +720,10 @@ mod tests {
         .unwrap();
         let c = p.to_vm_config("vm1").unwrap();
         assert!(c.track_dirty_pages, "PATCH /machine-config reaches the VM");
-        assert!(machine_of(&c).track_dirty_pages, "and GET /machine-config shows it");
+        assert!(
+            machine_of(&c).track_dirty_pages,
+            "and GET /machine-config shows it"
+        );
     }
 
     #[test]

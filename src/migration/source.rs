@@ -16,10 +16,10 @@ use devices::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::dirty::{DirtyLog, PageSet, Tracker};
 use super::storage::DiskSender;
 use super::wire::{self, AuthKey, Channel, Kind, Range, PAGE, PAGES_PER_MESSAGE};
 use super::{Endpoint, JobInfo, JobState, MigrateRequest, MigrationError, Offer};
+use crate::dirty::{DirtyLog, PageSet, Tracker};
 use crate::snapshot::SnapshotState;
 
 /// How long connecting may take.

@@ -286,14 +286,16 @@ mod tests {
     fn a_diff_holds_only_the_marked_pages_at_their_full_file_offsets() {
         use std::os::unix::fs::MetadataExt;
         let mem = crate::memory::create_guest_memory(32 << 20).unwrap();
-        mem.write_slice(&[0xaa; 4096], GuestAddress(0x5000)).unwrap();
+        mem.write_slice(&[0xaa; 4096], GuestAddress(0x5000))
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (full, diff) = (dir.path().join("full"), dir.path().join("diff"));
         let layout = dump(&mem, &full).unwrap();
         let mut pages = PageSet::empty(&mem);
         crate::dirty::take_vmm_dirty(&mem, &mut pages);
         // After the full snapshot: one page rewritten, one cleared, a run of three.
-        mem.write_slice(&[0xbb; 4096], GuestAddress(0x5000)).unwrap();
+        mem.write_slice(&[0xbb; 4096], GuestAddress(0x5000))
+            .unwrap();
         mem.write_slice(&[0; 4096], GuestAddress(0x9000)).unwrap();
         mem.write_slice(&[0xcc; 3 * 4096], GuestAddress(20 << 20))
             .unwrap();

@@ -136,8 +136,7 @@ pub fn rebase(base: &Path, diff: &Path) -> Result<Merged, RebaseError> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut at = 0u64;
     while at < len {
-        let Some(start) = seek(&d, at, libc::SEEK_DATA).map_err(io_err(diff, "SEEK_DATA"))?
-        else {
+        let Some(start) = seek(&d, at, libc::SEEK_DATA).map_err(io_err(diff, "SEEK_DATA"))? else {
             break;
         };
         if start >= len {
@@ -182,7 +181,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = file(dir.path(), "base", Some(0xbb), &[]);
         // Page 3 cleared by the guest (zeroes, written: data, not a hole), 10-11 a run.
-        let diff = file(dir.path(), "diff", None, &[(3, 0), (10, 1), (11, 2), (63, 9)]);
+        let diff = file(
+            dir.path(),
+            "diff",
+            None,
+            &[(3, 0), (10, 1), (11, 2), (63, 9)],
+        );
         let m = rebase(&base, &diff).unwrap();
         assert_eq!(m.bytes, 4 * PAGE as u64, "only the diff's pages are copied");
         let got = std::fs::read(&base).unwrap();
@@ -242,7 +246,9 @@ mod tests {
         assert!(e.contains("the same file"), "{e}");
         let e = rebase(&base, dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
-        let e = rebase(&base, &dir.path().join("none")).unwrap_err().to_string();
+        let e = rebase(&base, &dir.path().join("none"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot open the diff"), "{e}");
         assert!(
             std::fs::read(&base).unwrap().iter().all(|b| *b == 5),
