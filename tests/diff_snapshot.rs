@@ -516,3 +516,85 @@ fn hostile_rebase_inputs_are_refused_with_one_line_and_the_base_untouched() {
         "the base was written"
     );
 }
+
+/// Waits until `ember domjobinfo NAME` says the VM waits for an incoming migration.
+fn wait_incoming(lab: &Lab, name: &str) {
+    let end = Instant::now() + LIMIT;
+    loop {
+        let (_, out, _) = lab.run(&["domjobinfo", name]);
+        if out
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains("incoming"))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "the destination does not listen: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_failed_migration_takes_no_pages_from_the_next_diff() {
+    require_kvm();
+    let lab = Lab::new();
+    let (a, d) = (unique("ma"), unique("md"));
+    let sock = lab.path("ma.sock");
+    let kernel = s(&lab.kernel).to_string();
+    let mut run_a = lab.fg(&[
+        "--name",
+        &a,
+        "--memory",
+        "16M",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "count dirty=1024",
+        "--api-sock",
+        s(&sock),
+        "--track-dirty-pages",
+    ]);
+    run_a.wait_for(|t| last_tick(t) >= 2);
+    pause(&sock);
+    assert_eq!(create(&lab, &sock, "Full", "base"), (204, String::new()));
+    resume(&sock);
+
+    // A live migration that cannot converge (a 2 MiB/s link, 1 s): it reads and clears
+    // KVM's dirty log after its first pass, then gives up and the VM goes on here.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _dest = lab.fg(&["--incoming", &format!("tcp:127.0.0.1:{port}"), "--name", &d]);
+    wait_incoming(&lab, &d);
+    let url = format!("tcp:127.0.0.1:{port}");
+    let (status, out, err) = lab.run(&[
+        "migrate",
+        &a,
+        &url,
+        "--live",
+        "--bandwidth",
+        "2",
+        "--timeout",
+        "1",
+    ]);
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("did not converge"),
+        "{out}{err}"
+    );
+    // At once, before the guest rewrites the 4 MiB it stores into.
+    pause(&sock);
+    assert_eq!(create(&lab, &sock, "Diff", "diff"), (204, String::new()));
+    assert_eq!(create(&lab, &sock, "Full", "check"), (204, String::new()));
+    run_a.finish();
+    rebase(&lab, "base.mem", "diff.mem");
+    assert!(
+        std::fs::read(lab.path("base.mem")).unwrap()
+            == std::fs::read(lab.path("check.mem")).unwrap(),
+        "the diff lacks pages the migration's pass took"
+    );
+}
