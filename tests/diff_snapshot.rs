@@ -1,8 +1,9 @@
 //! Diff snapshots end to end with the tiny test kernel (`count dirty=K` prints `tick N`
 //! every 100 ms, N kept in a register, and stores K KiB between ticks): dirty-page tracking
 //! from the command line and from Firecracker's `/machine-config` and `/snapshot/load`,
-//! `PUT /snapshot/create` Diff, `ember snapshot-rebase` onto the Full base, and the merged
-//! base restored. Needs /dev/kvm; no Linux guest.
+//! `PUT /snapshot/create` Diff, `ember snapshot-rebase` onto the Full base (compared with a
+//! Full snapshot taken at the diff), the merged base restored; a reset and a failed live
+//! migration in between; hostile rebase inputs. Needs /dev/kvm; no Linux guest.
 
 mod common;
 #[path = "../examples/tiny_kernel/guest.rs"]
