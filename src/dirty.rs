@@ -213,9 +213,11 @@ impl Tracker {
     pub fn take(&self) -> Result<PageSet, DirtyError> {
         let mut trackers = self.log.lock();
         self.log.collect(&mut trackers)?;
-        let mine = trackers.iter_mut().find(|(id, _)| *id == self.id);
         let empty = PageSet::empty(&self.log.mem);
-        Ok(mine.map_or(empty.clone(), |(_, p)| std::mem::replace(p, empty)))
+        Ok(match trackers.iter_mut().find(|(id, _)| *id == self.id) {
+            Some((_, p)) => std::mem::replace(p, empty),
+            None => empty,
+        })
     }
 
     /// Gives `pages` back (a snapshot that failed to write them): the next take has them.

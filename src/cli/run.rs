@@ -125,8 +125,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", requires = "restore")]
     pub mem_file: Option<PathBuf>,
     /// Track the pages the guest writes, so the API's /snapshot/create can take Diff
-    /// snapshots (Firecracker's track_dirty_pages); with --restore too (a snapshot does not
-    /// keep it, as in Firecracker)
+    /// snapshots (Firecracker's track_dirty_pages), with --kernel, --config-file or
+    /// --restore (a snapshot does not keep it, as in Firecracker)
     #[arg(long)]
     pub track_dirty_pages: bool,
     /// Wait for the VM to come from another Ember by migration ('ember migrate'), listening
@@ -365,12 +365,28 @@ impl RunArgs {
                 "without --kernel or --config-file nothing could configure the VM",
             ));
         }
+        if self.track_dirty_pages
+            && self.kernel.is_none()
+            && self.config_file.is_none()
+            && self.restore.is_none()
+        {
+            return Err(ConfigError::new(
+                "--track-dirty-pages",
+                "goes with --kernel, --config-file or --restore; through the API say it there \
+                 (PUT /machine-config track_dirty_pages, /snapshot/load enable_diff_snapshots); \
+                 a migrated VM tracks as its source did",
+            ));
+        }
         let config = match &self.kernel {
             Some(k) => Some(self.vm_config(&name, k.clone())?),
             None => None,
         };
         let pending = match &self.config_file {
-            Some(f) => Some(read_config_file(f)?),
+            Some(f) => {
+                let mut p = read_config_file(f)?;
+                p.machine.track_dirty_pages |= self.track_dirty_pages;
+                Some(p)
+            }
             None => None,
         };
         let restore = match &self.restore {
