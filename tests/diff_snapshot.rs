@@ -300,6 +300,12 @@ fn a_diff_merged_onto_its_full_base_restores_where_the_diff_was_taken() {
     let n = last_tick(&run_a.text());
     run_a.wait_for(|t| last_tick(t) >= n + 3);
     pause(&sock);
+    // A Diff that fails gives its pages back: the next one has them (the merge shows it).
+    let nowhere = json!({"snapshot_type": "Diff", "snapshot_path": lab.path("x.snap"),
+                         "mem_file_path": "/nonexistent/dir/x.mem"});
+    let (status, body) = api(&sock, "PUT", "/snapshot/create", &nowhere.to_string());
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("/nonexistent/dir/x.mem"), "{body}");
     assert_eq!(create(&lab, &sock, "Diff", "diff"), (204, String::new()));
     // Nothing ran since: a second diff holds (almost) nothing, and chains on the first.
     assert_eq!(create(&lab, &sock, "Diff", "diff2"), (204, String::new()));
