@@ -163,22 +163,28 @@ impl DirtyLog {
     }
 
     /// Reads (and clears) KVM's log, when it is on, and Ember's bitmap into every tracker.
+    /// A slot whose log cannot be read counts as written whole, and what the others showed
+    /// is kept, so an error loses no page; it is still returned.
     fn collect(&self, trackers: &mut [(u64, PageSet)]) -> Result<(), DirtyError> {
         let mut set = PageSet::empty(&self.mem);
+        let mut failed = None;
         if !trackers.is_empty() {
             for (slot, r) in self.mem.iter().enumerate() {
-                let words = self
-                    .vm
-                    .get_dirty_log(slot as u32, r.len() as usize)
-                    .map_err(|e| DirtyError::Read(slot as u32, e))?;
-                set.or_region(slot, &words);
+                match self.vm.get_dirty_log(slot as u32, r.len() as usize) {
+                    Ok(words) => set.or_region(slot, &words),
+                    Err(e) => {
+                        let pages = r.len().div_ceil(PAGE as u64);
+                        set.or_region(slot, &vec![u64::MAX; pages.div_ceil(64) as usize]);
+                        failed.get_or_insert(DirtyError::Read(slot as u32, e));
+                    }
+                }
             }
         }
         take_vmm_dirty(&self.mem, &mut set);
         for (_, pages) in trackers.iter_mut() {
             pages.merge(&set);
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -341,6 +347,11 @@ mod tests {
             "pages given back come again"
         );
         snapshots.mark_all();
+        assert_eq!(snapshots.take().unwrap(), PageSet::all(&m));
+        // A log that cannot be read loses nothing: its slots count as written.
+        memory::set_dirty_logging(&vm, &m, false).unwrap();
+        assert!(snapshots.take().is_err());
+        memory::set_dirty_logging(&vm, &m, true).unwrap();
         assert_eq!(snapshots.take().unwrap(), PageSet::all(&m));
         drop(snapshots);
         assert!(
