@@ -117,13 +117,20 @@ fn seek(f: &File, at: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
-/// Copies `[from, to)` of `diff` to the same place in `base`.
-fn copy_range(base: &File, diff: &File, from: u64, to: u64, buf: &mut [u8]) -> io::Result<()> {
+/// Copies `[from, to)` of `diff` (at `diff_path`) to the same place in `base`.
+fn copy_range(
+    (base, base_path): (&File, &Path),
+    (diff, diff_path): (&File, &Path),
+    (from, to): (u64, u64),
+    buf: &mut [u8],
+) -> Result<(), RebaseError> {
     let mut at = from;
     while at < to {
         let n = (to - at).min(buf.len() as u64) as usize;
-        diff.read_exact_at(&mut buf[..n], at)?;
-        base.write_all_at(&buf[..n], at)?;
+        diff.read_exact_at(&mut buf[..n], at)
+            .map_err(io_err(diff_path, "cannot read"))?;
+        base.write_all_at(&buf[..n], at)
+            .map_err(io_err(base_path, "cannot write"))?;
         at += n as u64;
     }
     Ok(())
@@ -146,7 +153,7 @@ pub fn rebase(base: &Path, diff: &Path) -> Result<Merged, RebaseError> {
             .map_err(io_err(diff, "SEEK_HOLE"))?
             .unwrap_or(len)
             .clamp(start + 1, len);
-        copy_range(&b, &d, start, end, &mut buf).map_err(io_err(base, "cannot copy into"))?;
+        copy_range((&b, base), (&d, diff), (start, end), &mut buf)?;
         merged.extents += 1;
         merged.bytes += end - start;
         at = end;
