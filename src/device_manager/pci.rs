@@ -16,7 +16,7 @@ use boot::layout::{
     pci_mmio64_window, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
 use boot::x86_64::acpi::PciHost;
-use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot};
+use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciHotplug, PciRoot};
 use devices::persist::{Persist, StateError};
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciState, BAR_SIZE};
 use devices::virtio::{VirtioDevice, VirtioTransport};
@@ -41,7 +41,7 @@ pub(super) struct PciEntry {
     pub(super) id: String,
     pub(super) handle: VirtioHandle,
     transport: Arc<Mutex<VirtioPciDevice>>,
-    slot: u8,
+    pub(super) slot: u8,
     /// Where Ember placed BAR 0 (its share of the window, whatever the guest did since).
     bar: u64,
     pub(super) queue_evts: Vec<EventFd>,
@@ -58,6 +58,9 @@ pub(super) struct PciDevices {
     windows: Vec<(u64, u64)>,
     host: PciHost,
     pub(super) entries: Vec<PciEntry>,
+    /// The ACPI hotplug controller and the eventfd it fires when the guest ejects a slot.
+    pub(super) hotplug: Arc<Mutex<PciHotplug>>,
+    pub(super) hotplug_wake: EventFd,
 }
 
 /// A device's PCI placement and transport state, as a snapshot keeps it.
@@ -109,6 +112,14 @@ impl DeviceManager {
             self.buses.pio.remove(CONFIG_PORTS.0);
             return Err(e.into());
         }
+        let (hotplug, hotplug_wake) = match self.attach_hotplug_controller() {
+            Ok(h) => h,
+            Err(e) => {
+                self.buses.pio.remove(CONFIG_PORTS.0);
+                self.buses.mmio.remove(PCI_ECAM_START);
+                return Err(e);
+            }
+        };
         let mmio64 = pci_mmio64_window(memory_size(&self.mem));
         let mmio32 = (PCI_MMIO32_START, PCI_MMIO32_SIZE);
         self.pci = Some(PciDevices {
@@ -122,6 +133,8 @@ impl DeviceManager {
                 mmio64,
             },
             entries: Vec::new(),
+            hotplug,
+            hotplug_wake,
         });
         Ok(())
     }

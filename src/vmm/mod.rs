@@ -6,6 +6,7 @@
 mod balloon;
 mod control;
 pub mod cpuid;
+mod hotplug;
 mod migrate;
 mod named;
 mod snapshot;
@@ -103,6 +104,7 @@ impl VmmError {
                 | DeviceError::NoIrq
                 | DeviceError::Tap(_)
                 | DeviceError::Network { .. }
+                | DeviceError::NoBridge(_)
                 | DeviceError::DuplicateId(_),
             ) => true,
             VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
@@ -153,6 +155,8 @@ pub struct Vmm {
     plan: cpuid::CpuidPlan,
     /// An outgoing migration, if one runs or ran.
     migration: migrate::Migration,
+    /// Detaches waiting for the guest.
+    detaches: Vec<hotplug::PendingDetach>,
 }
 
 fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmmError> {
@@ -236,6 +240,7 @@ impl Vmm {
         devices.attach_legacy(run_state.clone(), cfg.debug_exit, cfg.pvpanic)?;
         devices.attach_serial(&mut events, &session.console, run_state.clone())?;
         Self::choose_transports(&mut devices, cfg)?;
+        devices.subscribe_hotplug(&mut events)?;
         for disk in &cfg.disks {
             devices.attach_block(&mut events, disk)?;
         }
@@ -263,6 +268,7 @@ impl Vmm {
             mem,
             plan,
             migration: Default::default(),
+            detaches: Vec::new(),
         })
     }
 
@@ -368,7 +374,11 @@ impl Vmm {
         }
         let mut reports = 0;
         while !self.run_state.is_exiting() {
-            if let Err(e) = self.events.run() {
+            let ran = match self.hotplug_tick() {
+                Some(t) => self.events.run_with_timeout(t.as_millis() as i32),
+                None => self.events.run(),
+            };
+            if let Err(e) = ran {
                 self.run_state
                     .request_exit(Outcome::Crash(format!("event loop failed: {e:?}")));
             }
@@ -378,6 +388,7 @@ impl Vmm {
             }
             self.serve_api(session);
             self.serve_migration(session);
+            self.serve_hotplug(session);
         }
         self.stop_vcpus();
         let outcome = self
