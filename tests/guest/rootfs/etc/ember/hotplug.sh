@@ -1,0 +1,61 @@
+# PCI hotplug, driven by tests/hotplug_guest.rs: the host attaches a disk (an ext4 image
+# holding hello.txt), the guest reads it, writes guest.txt and reads it back, the host
+# detaches it; then the host attaches a NIC, the guest pings ember.peer= through it, the
+# host detaches it. Each step waits for the device to appear or go (the kernel's ACPI PCI
+# hotplug does the work: no rescan here) and prints an EMBER-HP line.
+hp_addr= hp_peer=
+for arg in $cmdline; do
+	case "$arg" in
+	ember.ip=*) hp_addr="${arg#ember.ip=}" ;;
+	ember.peer=*) hp_peer="${arg#ember.peer=}" ;;
+	esac
+done
+# A 0.2 s wait without a fork (seconds each where guest kernel code is emulated): a read
+# with a timeout on a FIFO nobody writes.
+mkfifo /tmp/.hp-nap
+exec 3<>/tmp/.hp-nap
+hp_nap() { read -t 0.2 -u 3 _; }
+# hp_wait TEST... : until TEST holds, for at most 10 minutes; false when it never did.
+hp_wait() {
+	n=0
+	until "$@"; do
+		n=$((n + 1))
+		[ $n -ge 3000 ] && return 1
+		hp_nap
+	done
+}
+hp_gone() { ! [ -e "$1" ]; }
+hp_up() { read -r s _ </proc/uptime; echo "$s"; }
+
+echo "EMBER-HP ready"
+if hp_wait [ -b /dev/vda ]; then
+	echo "EMBER-HP disk-seen vda uptime=$(hp_up)"
+	mount -t ext4 /dev/vda /mnt
+	read -r hello </mnt/hello.txt
+	head -c 65536 /bin/busybox >/mnt/guest.txt
+	set -- $(md5sum </mnt/guest.txt)
+	wrote=$1
+	umount /mnt
+	mount -t ext4 -o ro /dev/vda /mnt
+	set -- $(md5sum </mnt/guest.txt)
+	umount /mnt
+	echo "EMBER-HP disk-rw hello=$hello wrote=$wrote read=$1"
+	hp_wait hp_gone /dev/vda && echo "EMBER-HP disk-gone uptime=$(hp_up)"
+else
+	echo "EMBER-HP disk-never-seen"
+fi
+if hp_wait [ -e /sys/class/net/eth0 ]; then
+	echo "EMBER-HP nic-seen eth0 uptime=$(hp_up)"
+	ip link set eth0 up
+	ip addr add "$hp_addr" dev eth0
+	tries=0
+	until ping -c 1 -W 2 "$hp_peer" >/dev/null 2>&1; do
+		tries=$((tries + 1))
+		[ $tries -ge 30 ] && break
+	done
+	if [ $tries -lt 30 ]; then echo "EMBER-HP ping ok"; else echo "EMBER-HP ping fail"; fi
+	hp_wait hp_gone /sys/class/net/eth0 && echo "EMBER-HP nic-gone uptime=$(hp_up)"
+else
+	echo "EMBER-HP nic-never-seen"
+fi
+exec 3<&-
