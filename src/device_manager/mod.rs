@@ -268,6 +268,8 @@ pub struct DeviceManager {
     default_transport: Transport,
     /// Taps made for NICs on networks so far (each gets a new name).
     taps_made: usize,
+    /// Where PCI devices go when the VM is rebuilt from a snapshot.
+    pci_placements: Vec<pci::PciPlacement>,
 }
 
 /// Opens the tap behind a --net: by name (created and brought up if it did not exist), a
@@ -346,6 +348,7 @@ impl DeviceManager {
             pci: None,
             default_transport: Transport::default(),
             taps_made: 0,
+            pci_placements: Vec::new(),
         }
     }
 

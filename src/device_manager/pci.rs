@@ -76,6 +76,17 @@ pub struct PciDeviceState {
     pub transport: VirtioPciState,
 }
 
+/// Where a device of a snapshot sat: it goes there again when the VM is rebuilt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciPlacement {
+    /// Its id.
+    pub id: String,
+    /// Its slot.
+    pub slot: u8,
+    /// Where Ember placed its BAR 0.
+    pub bar: u64,
+}
+
 /// Where a new device goes: its slot on the root bus, its BAR, the windows BARs may move in.
 struct Seat {
     root: Arc<PciRoot>,
@@ -139,6 +150,19 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Puts the PCI devices attached from now on where a snapshot's sat (`states`), by id;
+    /// a device without a placement gets the lowest free slot.
+    pub fn place_pci_devices(&mut self, states: &[PciDeviceState]) {
+        self.pci_placements = states
+            .iter()
+            .map(|s| PciPlacement {
+                id: s.id.clone(),
+                slot: s.slot,
+                bar: s.bar,
+            })
+            .collect();
+    }
+
     /// The PCI host for the ACPI tables, if the VM has one.
     pub fn pci_host(&self) -> Option<PciHost> {
         self.pci.as_ref().map(|p| p.host)
@@ -187,9 +211,26 @@ impl DeviceManager {
         id: &str,
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<PciWired, DeviceError> {
+        let placed = self.pci_placements.iter().find(|p| p.id == id).cloned();
         let p = self.pci.as_mut().ok_or(DeviceError::NoPciSlot)?;
-        let slot = p.root.free_slot().ok_or(DeviceError::NoPciSlot)?;
-        let bar = p.mmio64.alloc(BAR_SIZE).ok_or(DeviceError::NoPciSpace)?;
+        let (slot, bar) = match placed {
+            // Where a snapshot's device sat (so a hole a detach left stays a hole).
+            Some(at) => {
+                let free = p.root.is_free(at.slot);
+                let slot = Some(at.slot)
+                    .filter(|_| free)
+                    .ok_or(DeviceError::NoPciSlot)?;
+                let bar = p.mmio64.alloc_at(at.bar, BAR_SIZE);
+                (slot, bar.ok_or(DeviceError::NoPciSpace)?)
+            }
+            None => {
+                let slot = p.root.free_slot().ok_or(DeviceError::NoPciSlot)?;
+                (
+                    slot,
+                    p.mmio64.alloc(BAR_SIZE).ok_or(DeviceError::NoPciSpace)?,
+                )
+            }
+        };
         let seat = Seat {
             root: p.root.clone(),
             slot,

@@ -209,14 +209,16 @@ fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
 impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, devices, vCPUs; no kernel yet.
     pub fn build(cfg: &VmConfig, session: &Session) -> Result<Self, VmmError> {
-        Self::build_with_memory(cfg, session, None)
+        Self::build_with_memory(cfg, session, None, &[])
     }
 
     /// [`Self::build`], with guest memory given (mapped from a snapshot) or made anew.
+    /// PCI devices named in `placed` (a snapshot's) go where they sat.
     pub fn build_with_memory(
         cfg: &VmConfig,
         session: &Session,
         mem: Option<GuestMemoryMmap>,
+        placed: &[crate::device_manager::PciDeviceState],
     ) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         let plan = cpuid::vm_cpuid(&kvm, &cfg.cpu_features.0)?;
@@ -239,6 +241,7 @@ impl Vmm {
         let mut devices = DeviceManager::new(vm.clone(), mem.clone());
         devices.attach_legacy(run_state.clone(), cfg.debug_exit, cfg.pvpanic)?;
         devices.attach_serial(&mut events, &session.console, run_state.clone())?;
+        devices.place_pci_devices(placed);
         Self::choose_transports(&mut devices, cfg)?;
         devices.subscribe_hotplug(&mut events)?;
         for disk in &cfg.disks {

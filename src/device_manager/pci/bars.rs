@@ -52,6 +52,21 @@ impl BarAllocator {
         Some(at)
     }
 
+    /// Takes `[base, base + len)` (a power of two, aligned to it, inside the window and
+    /// free): where a restored device's BAR was placed.
+    pub fn alloc_at(&mut self, base: u64, len: u64) -> Option<u64> {
+        let end = base.checked_add(len)?;
+        if !len.is_power_of_two() || base % len != 0 || base < self.start || end > self.end {
+            return None;
+        }
+        let below = self.used.range(..end).next_back();
+        if below.is_some_and(|(b, l)| b + l > base) {
+            return None;
+        }
+        self.used.insert(base, len);
+        Some(base)
+    }
+
     /// Takes back the range allocated at `base`.
     pub fn free(&mut self, base: u64) {
         self.used.remove(&base);

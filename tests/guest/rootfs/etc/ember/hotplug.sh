@@ -10,26 +10,39 @@ for arg in $cmdline; do
 	ember.peer=*) hp_peer="${arg#ember.peer=}" ;;
 	esac
 done
+# hp_now: whole seconds of uptime in $hp_s (a builtin read: no fork).
+hp_now() { read -r hp_s _ </proc/uptime; hp_s=${hp_s%.*}; }
 # A 0.2 s wait without a fork (seconds each where guest kernel code is emulated): a read
-# with a timeout on a FIFO nobody writes.
+# with a timeout on a FIFO nobody writes. If that does not wait (seen returning at once in
+# the guest), a forked sleep does.
 mkfifo /tmp/.hp-nap
 exec 3<>/tmp/.hp-nap
 hp_nap() { read -t 0.2 -u 3 _; }
+hp_now
+hp_t0=$hp_s
+for _ in 1 2 3 4 5 6 7 8 9 10; do hp_nap; done
+hp_now
+if [ $((hp_s - hp_t0)) -lt 1 ]; then
+	hp_nap() { sleep 0.2; }
+	echo "EMBER-HP nap=sleep"
+else
+	echo "EMBER-HP nap=fifo"
+fi
 # hp_wait TEST... : until TEST holds, for at most 10 minutes; false when it never did.
 hp_wait() {
-	n=0
+	hp_now
+	hp_end=$((hp_s + 600))
 	until "$@"; do
-		n=$((n + 1))
-		[ $n -ge 3000 ] && return 1
+		hp_now
+		[ "$hp_s" -ge $hp_end ] && return 1
 		hp_nap
 	done
 }
 hp_gone() { ! [ -e "$1" ]; }
-hp_up() { read -r s _ </proc/uptime; echo "$s"; }
 
 echo "EMBER-HP ready"
 if hp_wait [ -b /dev/vda ]; then
-	echo "EMBER-HP disk-seen vda uptime=$(hp_up)"
+	echo "EMBER-HP disk-seen vda uptime=$hp_s"
 	mount -t ext4 /dev/vda /mnt
 	read -r hello </mnt/hello.txt
 	head -c 65536 /bin/busybox >/mnt/guest.txt
@@ -40,12 +53,12 @@ if hp_wait [ -b /dev/vda ]; then
 	set -- $(md5sum </mnt/guest.txt)
 	umount /mnt
 	echo "EMBER-HP disk-rw hello=$hello wrote=$wrote read=$1"
-	hp_wait hp_gone /dev/vda && echo "EMBER-HP disk-gone uptime=$(hp_up)"
+	hp_wait hp_gone /dev/vda && echo "EMBER-HP disk-gone uptime=$hp_s"
 else
 	echo "EMBER-HP disk-never-seen"
 fi
 if hp_wait [ -e /sys/class/net/eth0 ]; then
-	echo "EMBER-HP nic-seen eth0 uptime=$(hp_up)"
+	echo "EMBER-HP nic-seen eth0 uptime=$hp_s"
 	ip link set eth0 up
 	ip addr add "$hp_addr" dev eth0
 	tries=0
@@ -54,7 +67,7 @@ if hp_wait [ -e /sys/class/net/eth0 ]; then
 		[ $tries -ge 30 ] && break
 	done
 	if [ $tries -lt 30 ]; then echo "EMBER-HP ping ok"; else echo "EMBER-HP ping fail"; fi
-	hp_wait hp_gone /sys/class/net/eth0 && echo "EMBER-HP nic-gone uptime=$(hp_up)"
+	hp_wait hp_gone /sys/class/net/eth0 && echo "EMBER-HP nic-gone uptime=$hp_s"
 else
 	echo "EMBER-HP nic-never-seen"
 fi
