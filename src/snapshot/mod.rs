@@ -144,7 +144,7 @@ impl SnapshotState {
         let balloon = crate::config::BALLOON_ID;
         if let Some(id) = mmio
             .chain(pci)
-            .find(|id| !ids.contains(id) && !(*id == balloon && self.config.balloon.is_some()))
+            .find(|id| !(ids.contains(id) || *id == balloon && self.config.balloon.is_some()))
         {
             return Err(SnapshotError::Invalid(format!(
                 "virtio device state {id} is for no disk or NIC of its configuration"

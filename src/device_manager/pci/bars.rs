@@ -56,7 +56,11 @@ impl BarAllocator {
     /// free): where a restored device's BAR was placed.
     pub fn alloc_at(&mut self, base: u64, len: u64) -> Option<u64> {
         let end = base.checked_add(len)?;
-        if !len.is_power_of_two() || base % len != 0 || base < self.start || end > self.end {
+        if !len.is_power_of_two()
+            || !base.is_multiple_of(len)
+            || base < self.start
+            || end > self.end
+        {
             return None;
         }
         let below = self.used.range(..end).next_back();
