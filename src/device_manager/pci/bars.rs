@@ -215,6 +215,26 @@ mod tests {
     }
 
     #[test]
+    fn alloc_at_takes_a_free_aligned_range_inside_the_window_only() {
+        let mut a = BarAllocator::new(0x1_0000, 0x10_0000);
+        assert_eq!(a.alloc_at(0x2_0000, 0x8000), Some(0x2_0000));
+        for (base, len) in [
+            (0x2_0000, 0x8000),          // taken
+            (0x1_c000, 0x8000),          // misaligned
+            (0x1_8000, 0x10000),         // overlaps the taken one from below
+            (0x8000, 0x8000),            // below the window
+            (0x11_0000, 0x8000),         // past it
+            (0x3_0000, 0x3000),          // not a power of two
+            (u64::MAX - 0x7fff, 0x8000), // wraps
+        ] {
+            assert_eq!(a.alloc_at(base, len), None, "{base:#x}+{len:#x}");
+        }
+        assert_eq!(a.alloc(0x8000), Some(0x1_0000), "alloc works around it");
+        assert_eq!(a.alloc(0x8000), Some(0x1_8000));
+        assert_eq!(a.alloc(0x8000), Some(0x2_8000));
+    }
+
+    #[test]
     fn a_full_window_hands_out_nothing() {
         let mut a = BarAllocator::new(0, 0x10000);
         for _ in 0..2 {

@@ -13,8 +13,7 @@ done
 # hp_now: whole seconds of uptime in $hp_s (a builtin read: no fork).
 hp_now() { read -r hp_s _ </proc/uptime; hp_s=${hp_s%.*}; }
 # A 0.2 s wait without a fork (seconds each where guest kernel code is emulated): a read
-# with a timeout on a FIFO nobody writes. If that does not wait (seen returning at once in
-# the guest), a forked sleep does.
+# with a timeout on a FIFO nobody writes; a forked sleep if that does not wait.
 mkfifo /tmp/.hp-nap
 exec 3<>/tmp/.hp-nap
 hp_nap() { read -t 0.2 -u 3 _; }
@@ -37,6 +36,7 @@ hp_wait() {
 		[ "$hp_s" -ge $hp_end ] && return 1
 		hp_nap
 	done
+	return 0 # (the loop's status is its last nap's, a timeout)
 }
 hp_gone() { ! [ -e "$1" ]; }
 
