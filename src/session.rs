@@ -558,6 +558,7 @@ fn preboot_answer(
         | ApiRequest::EmberSave(_)
         | ApiRequest::Migrate(_)
         | ApiRequest::MigrationAbort
+        | ApiRequest::Hotplug(_)
         | ApiRequest::EmberAction(_) => api::bad_request(msg::BEFORE_START),
         ApiRequest::EmberInfo => Response::json(
             200,
@@ -592,6 +593,7 @@ fn snapshot_load(pending: &PendingVm, l: &fc::SnapshotLoad) -> Result<RestoreSpe
             tap: Some(o.host_dev_name.clone()),
             fd: None,
             network: None,
+            bridge: None,
             mac: None,
             mtu: 1500,
             transport: None,

@@ -47,6 +47,10 @@ impl DeviceManager {
                 .collect(),
             balloon: self.balloon_state(),
             pci: self.save_pci_state(),
+            pci_hotplug: self
+                .pci
+                .as_ref()
+                .map(|p| lock_device(&p.hotplug, |h| h.save())),
         })
     }
 
@@ -96,6 +100,9 @@ impl DeviceManager {
             lock_device(&e.transport, |t| t.restore(&st.transport))?;
         }
         self.restore_pci_state(&s.pci)?;
+        if let (Some(p), Some(st)) = (&self.pci, &s.pci_hotplug) {
+            lock_device(&p.hotplug, |h| h.restore(st))?;
+        }
         self.restore_balloon(s.balloon.as_ref())
     }
 }

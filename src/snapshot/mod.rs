@@ -62,6 +62,10 @@ pub struct DevicesState {
     /// virtio-pci devices in attach order (their placement and transport state).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pci: Vec<crate::device_manager::PciDeviceState>,
+    /// The PCI hotplug controller (slots announced or asked back), when the VM has a PCI
+    /// bus (absent from older snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_hotplug: Option<devices::pci::hotplug::PciHotplugState>,
 }
 
 /// A VM's state (the state file's payload).

@@ -46,6 +46,14 @@ impl Vmm {
                     Ok(()) => continue, // answered when the migration ends
                     Err(r) => r,
                 },
+                Ok(ApiRequest::Hotplug(_)) if self.migration_holds() => Response::fault(
+                    409,
+                    "a migration of this VM is under way; cancel it first (ember domjobabort)",
+                ),
+                Ok(ApiRequest::Hotplug(h)) => match self.hotplug(h, conn) {
+                    Some(r) => r,
+                    None => continue, // answered when the guest released the device
+                },
                 Ok(r) => self.handle(r, session),
                 Err(resp) => resp,
             };
@@ -116,6 +124,8 @@ impl Vmm {
             ApiRequest::Balloon(b) => self.balloon_request(b),
             ApiRequest::MigrationInfo => self.migration_info(),
             ApiRequest::MigrationAbort => self.abort_migration(),
+            // Answered in serve_api, which holds the connection a detach answers later.
+            ApiRequest::Hotplug(_) => Response::fault(500, "hotplug request out of place"),
             ApiRequest::Migrate(_) | ApiRequest::ReceiveMigration(_) => api::bad_request(
                 "this VM runs already; receive-migration is for an Ember that waits for one",
             ),

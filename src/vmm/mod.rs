@@ -6,6 +6,7 @@
 mod balloon;
 mod control;
 pub mod cpuid;
+mod hotplug;
 mod migrate;
 mod named;
 mod snapshot;
@@ -107,6 +108,7 @@ impl VmmError {
                 | DeviceError::NoIrq
                 | DeviceError::Tap(_)
                 | DeviceError::Network { .. }
+                | DeviceError::NoBridge(_)
                 | DeviceError::DuplicateId(_),
             ) => true,
             VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
@@ -165,6 +167,8 @@ pub struct Vmm {
     snapshot_dirty: Option<Tracker>,
     /// The VM's dirty-page log (Diff snapshots, live migration).
     dirty: Arc<DirtyLog>,
+    /// Detaches waiting for the guest.
+    detaches: Vec<hotplug::PendingDetach>,
 }
 
 fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmmError> {
@@ -217,14 +221,16 @@ fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
 impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, devices, vCPUs; no kernel yet.
     pub fn build(cfg: &VmConfig, session: &Session) -> Result<Self, VmmError> {
-        Self::build_with_memory(cfg, session, None)
+        Self::build_with_memory(cfg, session, None, &[])
     }
 
     /// [`Self::build`], with guest memory given (mapped from a snapshot) or made anew.
+    /// PCI devices named in `placed` (a snapshot's) go where they sat.
     pub fn build_with_memory(
         cfg: &VmConfig,
         session: &Session,
         mem: Option<GuestMemoryMmap>,
+        placed: &[crate::device_manager::PciDeviceState],
     ) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         let plan = cpuid::vm_cpuid(&kvm, &cfg.cpu_features.0)?;
@@ -252,7 +258,9 @@ impl Vmm {
         let mut devices = DeviceManager::new(vm.clone(), mem.clone());
         devices.attach_legacy(run_state.clone(), cfg.debug_exit, cfg.pvpanic)?;
         devices.attach_serial(&mut events, &session.console, run_state.clone())?;
+        devices.place_pci_devices(placed);
         Self::choose_transports(&mut devices, cfg)?;
+        devices.subscribe_hotplug(&mut events)?;
         for disk in &cfg.disks {
             devices.attach_block(&mut events, disk)?;
         }
@@ -282,6 +290,7 @@ impl Vmm {
             migration: Default::default(),
             snapshot_dirty,
             dirty,
+            detaches: Vec::new(),
         })
     }
 
@@ -387,7 +396,11 @@ impl Vmm {
         }
         let mut reports = 0;
         while !self.run_state.is_exiting() {
-            if let Err(e) = self.events.run() {
+            let ran = match self.hotplug_tick() {
+                Some(t) => self.events.run_with_timeout(t.as_millis() as i32),
+                None => self.events.run(),
+            };
+            if let Err(e) = ran {
                 self.run_state
                     .request_exit(Outcome::Crash(format!("event loop failed: {e:?}")));
             }
@@ -397,6 +410,7 @@ impl Vmm {
             }
             self.serve_api(session);
             self.serve_migration(session);
+            self.serve_hotplug(session);
         }
         self.stop_vcpus();
         let outcome = self

@@ -155,7 +155,7 @@ impl Vmm {
         let cfg = &state.config;
         let mem = snapshot::memory::map(mem_path, &state.memory, cfg.memory.0)
             .map_err(|e| invalid(e.into()))?;
-        let mut vmm = Self::build_with_memory(cfg, session, Some(mem))?;
+        let mut vmm = Self::build_with_memory(cfg, session, Some(mem), &state.devices.pci)?;
         vstate::restore_vm(&vmm.vm, &state.vm).map_err(|e| invalid(e.into()))?;
         for (v, s) in vmm.vcpus.iter().zip(&state.vcpus) {
             v.restore_state(s).map_err(|e| invalid(e.into()))?;
