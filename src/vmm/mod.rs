@@ -339,6 +339,7 @@ impl Vmm {
                 initrd: initrd.as_mut(),
                 cmdline: &cmdline,
                 cpus: self.config.cpus.boot,
+                max_cpus: self.config.cpus.max,
                 pvpanic: self.config.pvpanic,
                 pci: self.devices.pci_host(),
             },
