@@ -549,6 +549,7 @@ fn preboot_answer(
         | ApiRequest::EmberSave(_)
         | ApiRequest::Migrate(_)
         | ApiRequest::MigrationAbort
+        | ApiRequest::SetVcpus(_)
         | ApiRequest::EmberAction(_) => api::bad_request(msg::BEFORE_START),
         ApiRequest::EmberInfo => Response::json(
             200,

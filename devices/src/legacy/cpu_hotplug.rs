@@ -283,7 +283,11 @@ impl Persist for CpuHotplug {
         if s.cpus.len() != self.slots.len() {
             return Err(StateError::new(
                 "cpu-hotplug",
-                format!("{} CPUs saved for {} possible", s.cpus.len(), self.slots.len()),
+                format!(
+                    "{} CPUs saved for {} possible",
+                    s.cpus.len(),
+                    self.slots.len()
+                ),
             ));
         }
         if !s.cpus.first().is_some_and(|c| c.present) {
