@@ -17,7 +17,8 @@ use boot::x86_64::acpi;
 use devices::bus::BusError;
 use devices::disk::{self, DiskError};
 use devices::legacy::{
-    cmos, debug_exit, i8042, pvpanic, serial, AcpiPm, Cmos, DebugExit, PvPanic, SerialDevice, I8042,
+    acpi_pm, cmos, debug_exit, i8042, pvpanic, serial, AcpiPm, Cmos, DebugExit, PvPanic,
+    SerialDevice, I8042,
 };
 use devices::virtio::block::handler::BlockHandler;
 use devices::virtio::block::Block;
@@ -354,6 +355,11 @@ impl DeviceManager {
             acpi::SLP_TYP_S5,
             acpi::RESET_VALUE,
         )));
+        // The device's register offsets and the tables' ports describe the same block.
+        const _: () = assert!(
+            acpi_pm::BLOCK_LEN == acpi::ports::LEN as u64
+                && acpi_pm::GPE0_OFFSET == (acpi::ports::GPE0_BLK - acpi::ports::BASE) as u64
+        );
         pio.insert(
             pm.clone(),
             u64::from(acpi::ports::BASE),

@@ -28,11 +28,21 @@ pub mod ports {
     pub const PM1A_CNT: u16 = 0x604;
     /// Reset register (1 byte).
     pub const RESET: u16 = 0x608;
+    /// General-purpose event block 0: GPE0_STS (2 bytes, write 1 to clear), then GPE0_EN
+    /// (2 bytes).
+    pub const GPE0_BLK: u16 = 0x620;
+    /// Bytes of GPE0_BLK.
+    pub const GPE0_BLK_LEN: u8 = 4;
     /// First port of the block.
     pub const BASE: u16 = PM1A_EVT;
-    /// Number of ports in the block.
-    pub const LEN: u16 = 9;
+    /// Number of ports in the block: PM1, the reset register and GPE0 (0x600-0x623).
+    pub const LEN: u16 = GPE0_BLK + GPE0_BLK_LEN as u16 - BASE;
 }
+
+/// GPE0 bit the PCI hotplug controller raises; `\_GPE._E01` runs `\_SB.PCI0.PCNT`.
+pub const GPE_PCI_HOTPLUG: u8 = 1;
+/// GPE0 bit the CPU hotplug controller raises; `\_GPE._E02` runs `\_SB.CPUS.CSCN`.
+pub const GPE_CPU_HOTPLUG: u8 = 2;
 
 /// Value that, written to the reset register, resets the machine.
 pub const RESET_VALUE: u8 = 0x1;
@@ -220,6 +230,9 @@ fn pci_devices(p: &PciHost) -> Result<Vec<Term>, AcpiError> {
         Term::name("_UID", Expr::Int(0)),
         Term::name("_BBN", Expr::Int(0)),
         Term::name("_CRS", Expr::ResourceTemplate(crs)),
+        // The PCI hotplug scan `\_GPE._E01` calls (slots and their notifications come with
+        // the hotplug controller).
+        Term::method("PCNT", 0, vec![]),
     ];
     let reserved = isa_device(
         Expr::eisa_id("PNP0C02"),
@@ -294,7 +307,22 @@ fn dsdt_terms(opts: &AcpiOptions) -> Result<Vec<Term>, AcpiError> {
             Expr::Package(vec![s5.into(), s5.into(), 0.into(), 0.into()]),
         ),
         Term::scope("\\_SB", devices),
+        Term::scope("\\_GPE", gpe_methods(opts)),
     ])
+}
+
+/// `\_GPE._Exx`: the (edge-triggered) handlers ACPICA runs for an enabled GPE0 bit once it
+/// cleared its status; each calls the scan method of the controller that raised it.
+fn gpe_methods(opts: &AcpiOptions) -> Vec<Term> {
+    let mut terms = Vec::new();
+    if opts.pci.is_some() {
+        terms.push(Term::method(
+            &format!("_E{GPE_PCI_HOTPLUG:02X}"),
+            0,
+            vec![Term::Eval(Expr::call("\\_SB.PCI0.PCNT", vec![]))],
+        ));
+    }
+    terms
 }
 
 fn dsdt(opts: &AcpiOptions) -> Result<Vec<u8>, AcpiError> {
@@ -324,7 +352,9 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     // SMI_CMD = 0: the machine is always in ACPI mode.
     put(56, &u32::from(ports::PM1A_EVT).to_le_bytes());
     put(64, &u32::from(ports::PM1A_CNT).to_le_bytes());
+    put(80, &u32::from(ports::GPE0_BLK).to_le_bytes());
     put(88, &[4, 2, 0, 0]); // PM1_EVT_LEN, PM1_CNT_LEN, PM2_CNT_LEN, PM_TMR_LEN
+    put(92, &[ports::GPE0_BLK_LEN, 0, 0]); // GPE0_BLK_LEN, GPE1_BLK_LEN, GPE1_BASE
     put(96, &101u16.to_le_bytes()); // no C2
     put(98, &1001u16.to_le_bytes()); // no C3
                                      // IAPC_BOOT_ARCH: legacy devices, 8042, no VGA, no ASPM control.
@@ -345,6 +375,10 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     put(140, &dsdt.to_le_bytes());
     put(148, &gas_io(ports::PM1A_EVT, 4));
     put(172, &gas_io(ports::PM1A_CNT, 2));
+    // GPE registers are accessed a byte at a time (ACPI 6.4, 4.8.1.6).
+    let mut gpe0 = gas_io(ports::GPE0_BLK, ports::GPE0_BLK_LEN);
+    gpe0[3] = 1;
+    put(220, &gpe0);
     put(268, b"EMBERVMM");
     Sdt::new(b"FACP", 6).bytes(&b).finish()
 }
@@ -752,6 +786,34 @@ mod tests {
             mmio32: (0xe000_0000, 0),
             ..PCI
         }));
+    }
+
+    #[test]
+    fn fadt_points_at_gpe0_in_both_the_legacy_and_the_extended_fields() {
+        let f = fadt(0x1000, 0x2000);
+        assert_eq!(
+            u32::from_le_bytes(f[80..84].try_into().unwrap()),
+            u32::from(ports::GPE0_BLK)
+        );
+        assert_eq!((f[92], f[93]), (4, 0), "GPE0_BLK_LEN, GPE1_BLK_LEN");
+        assert_eq!(&f[220..224], &[1, 32, 0, 1], "I/O, 32 bits, byte access");
+        assert_eq!(u64_at(&f, 224), u64::from(ports::GPE0_BLK));
+        assert_eq!(
+            ports::GPE0_BLK + u16::from(ports::GPE0_BLK_LEN),
+            ports::BASE + ports::LEN
+        );
+    }
+
+    #[test]
+    fn gpe_scope_runs_the_pci_hotplug_scan_only_with_a_pci_host() {
+        let names = dsdt_names(&AcpiOptions::default());
+        assert!(!names.iter().any(|n| n.starts_with("\\_GPE")), "{names:?}");
+        let names = dsdt_names(&AcpiOptions {
+            pci: Some(PCI),
+            ..Default::default()
+        });
+        assert!(names.contains(&"\\_GPE._E01".to_string()), "{names:?}");
+        assert!(names.contains(&"\\_SB_.PCI0.PCNT".to_string()), "{names:?}");
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! The SCI is a level-triggered line: it is high exactly while some PM1 status bit is set
 //! whose enable bit is set too (ACPI 6.4, 4.8.1.1), so it drops when the guest clears the
 //! status bit (write 1 to clear) or disables the event.
+//!
+//! The block also holds GPE0 (general-purpose events, ACPI 6.4, 4.8.1.6): 16 status bits
+//! (write 1 to clear) then 16 enable bits, which the guest's ACPI code maps to `\_GPE._Exx`
+//! methods. The VMM raises a GPE (say, for PCI hotplug) with [`AcpiPm::raise_gpe`]; the SCI is
+//! high while `(PM1 status & enable) | (GPE status & enable)` is non-zero.
 
 use std::sync::Arc;
 
@@ -18,6 +23,13 @@ const PM1_STS: u64 = 0;
 const PM1_EN: u64 = 2;
 const PM1_CNT: u64 = 4;
 const RESET_REG: u64 = 8;
+/// Offset of GPE0_BLK from the start of the block (the DSDT/FADT put it at port 0x620 for a
+/// block at 0x600): GPE0_STS (2 bytes) then GPE0_EN (2 bytes).
+pub const GPE0_OFFSET: u64 = 0x20;
+/// Bytes of GPE0_BLK.
+pub const GPE0_LEN: u64 = 4;
+/// Ports the whole block spans: PM1 event/control, reset register, then GPE0.
+pub const BLOCK_LEN: u64 = GPE0_OFFSET + GPE0_LEN;
 const SCI_EN: u16 = 1;
 const SLP_EN: u16 = 1 << 13;
 const SLP_TYP_SHIFT: u16 = 10;
@@ -34,6 +46,8 @@ pub struct AcpiPm {
     status: u16,
     enable: u16,
     control: u16,
+    gpe_status: u16,
+    gpe_enable: u16,
 }
 
 impl AcpiPm {
@@ -49,6 +63,8 @@ impl AcpiPm {
             status: 0,
             enable: 0,
             control: SCI_EN,
+            gpe_status: 0,
+            gpe_enable: 0,
         }
     }
 
@@ -74,9 +90,21 @@ impl AcpiPm {
         self.enable & PWRBTN != 0
     }
 
+    /// Sets general-purpose event `bit` (0-15) in GPE0_STS. Returns whether the guest has it
+    /// enabled in GPE0_EN (then the SCI is high until the guest clears it); a bit outside the
+    /// block is ignored and reported as not enabled.
+    pub fn raise_gpe(&mut self, bit: u8) -> bool {
+        let Some(mask) = 1u16.checked_shl(u32::from(bit)) else {
+            return false;
+        };
+        self.gpe_status |= mask;
+        self.update_sci();
+        self.gpe_enable & mask != 0
+    }
+
     /// Drives the SCI to the level the status and enable registers call for.
     fn update_sci(&mut self) {
-        let want = self.status & self.enable != 0;
+        let want = (self.status & self.enable) | (self.gpe_status & self.gpe_enable) != 0;
         let Some(sci) = &self.sci else { return };
         if want == self.sci_high {
             return;
@@ -97,6 +125,35 @@ impl AcpiPm {
     }
 }
 
+/// Replaces byte `i` (0 or 1) of `reg` with `b`.
+fn with_byte(reg: u16, i: u64, b: u8) -> u16 {
+    let mut bytes = reg.to_le_bytes();
+    bytes[i as usize & 1] = b;
+    u16::from_le_bytes(bytes)
+}
+
+impl AcpiPm {
+    /// One byte of GPE0_BLK at `off` (0..4): status low/high, enable low/high.
+    fn gpe_byte(&self, off: u64) -> u8 {
+        let reg = if off < 2 {
+            self.gpe_status
+        } else {
+            self.gpe_enable
+        };
+        reg.to_le_bytes()[off as usize & 1]
+    }
+
+    /// A byte write to GPE0_BLK at `off` (0..4). ACPICA accesses GPE registers a byte at a
+    /// time; wider accesses arrive here byte by byte.
+    fn write_gpe_byte(&mut self, off: u64, b: u8) {
+        if off < 2 {
+            self.gpe_status &= !(u16::from(b) << (8 * off)); // write 1 to clear
+        } else {
+            self.gpe_enable = with_byte(self.gpe_enable, off, b);
+        }
+    }
+}
+
 fn le_value(data: &[u8]) -> u16 {
     match data {
         [lo] => u16::from(*lo),
@@ -107,6 +164,17 @@ fn le_value(data: &[u8]) -> u16 {
 
 impl BusDevice for AcpiPm {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= GPE0_OFFSET {
+            for (i, b) in data.iter_mut().enumerate() {
+                let off = (offset - GPE0_OFFSET).saturating_add(i as u64);
+                *b = if off < GPE0_LEN {
+                    self.gpe_byte(off)
+                } else {
+                    0
+                };
+            }
+            return;
+        }
         let reg = match offset {
             PM1_STS => self.status,
             PM1_EN => self.enable,
@@ -120,6 +188,16 @@ impl BusDevice for AcpiPm {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= GPE0_OFFSET {
+            for (i, b) in data.iter().enumerate() {
+                let off = (offset - GPE0_OFFSET).saturating_add(i as u64);
+                if off < GPE0_LEN {
+                    self.write_gpe_byte(off, *b);
+                }
+            }
+            self.update_sci();
+            return;
+        }
         let value = le_value(data);
         match offset {
             PM1_STS => {
@@ -150,6 +228,12 @@ pub struct AcpiPmState {
     pub enable: u16,
     /// PM1_CNT.
     pub control: u16,
+    /// GPE0_STS (absent from snapshots taken before GPE0 existed: then 0).
+    #[serde(default)]
+    pub gpe_status: u16,
+    /// GPE0_EN (absent from older snapshots: then 0).
+    #[serde(default)]
+    pub gpe_enable: u16,
 }
 
 impl Persist for AcpiPm {
@@ -160,6 +244,8 @@ impl Persist for AcpiPm {
             status: self.status,
             enable: self.enable,
             control: self.control,
+            gpe_status: self.gpe_status,
+            gpe_enable: self.gpe_enable,
         }
     }
 
@@ -167,6 +253,8 @@ impl Persist for AcpiPm {
         self.status = s.status;
         self.enable = s.enable;
         self.control = s.control | SCI_EN;
+        self.gpe_status = s.gpe_status;
+        self.gpe_enable = s.gpe_enable;
         self.update_sci();
         Ok(())
     }
@@ -330,5 +418,105 @@ mod tests {
         let (mut b, sci_b) = dev_with_sci();
         crate::persist::assert_round_trip(&a, &mut b);
         assert!(sci_b.is_high());
+    }
+
+    const GPE_STS: u64 = GPE0_OFFSET;
+    const GPE_EN: u64 = GPE0_OFFSET + 2;
+
+    #[test]
+    fn enabled_gpe_raises_sci_until_the_guest_clears_its_status() {
+        let (mut pm, sci) = dev_with_sci();
+        pm.write(GPE_EN, &[0b10]);
+        assert!(pm.raise_gpe(1));
+        assert!(sci.is_high());
+        assert_eq!(read16(&mut pm, GPE_STS), 0b10);
+        pm.write(GPE_STS, &[0b10]);
+        assert_eq!(read16(&mut pm, GPE_STS), 0);
+        assert_eq!(sci.levels(), vec![true, false]);
+    }
+
+    #[test]
+    fn disabled_gpe_sets_status_without_sci_until_enabled() {
+        let (mut pm, sci) = dev_with_sci();
+        assert!(!pm.raise_gpe(2));
+        assert!(sci.levels().is_empty());
+        pm.write(GPE_EN, &[0b100]);
+        assert_eq!(sci.levels(), vec![true]);
+        pm.write(GPE_EN, &[0]);
+        assert_eq!(sci.levels(), vec![true, false]);
+    }
+
+    #[test]
+    fn gpe_status_is_write_one_to_clear_per_byte_and_word() {
+        let (mut pm, _) = dev();
+        pm.raise_gpe(1);
+        pm.raise_gpe(9);
+        pm.write(GPE_STS, &[0]);
+        assert_eq!(read16(&mut pm, GPE_STS), 0x0202);
+        pm.write(GPE_STS + 1, &[0x02]);
+        assert_eq!(read16(&mut pm, GPE_STS), 0x0002);
+        pm.raise_gpe(15);
+        pm.write(GPE_STS, &0x8002u16.to_le_bytes());
+        assert_eq!(read16(&mut pm, GPE_STS), 0);
+    }
+
+    #[test]
+    fn gpe_sci_and_pm1_sci_share_the_line() {
+        let (mut pm, sci) = dev_with_sci();
+        pm.write(PM1_EN, &PWRBTN.to_le_bytes());
+        pm.write(GPE_EN, &[0b10]);
+        pm.press_power_button();
+        pm.raise_gpe(1);
+        pm.write(PM1_STS, &PWRBTN.to_le_bytes());
+        assert!(sci.is_high(), "the GPE still holds the line");
+        pm.write(GPE_STS, &[0b10]);
+        assert_eq!(sci.levels(), vec![true, false]);
+    }
+
+    #[test]
+    fn gpe_enable_bytes_read_back_and_odd_accesses_stay_in_the_block() {
+        let (mut pm, _) = dev();
+        pm.write(GPE_EN + 1, &[0x80]);
+        pm.write(GPE_EN, &[0x01]);
+        assert_eq!(read16(&mut pm, GPE_EN), 0x8001);
+        let mut four = [0xffu8; 4];
+        pm.read(GPE_STS, &mut four);
+        assert_eq!(four, [0, 0, 0x01, 0x80]);
+        // Past the block: ignored on write, zero on read, never a panic.
+        pm.write(GPE_EN + 1, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        pm.write(u64::MAX, &[0xff; 8]);
+        let mut eight = [0xffu8; 8];
+        pm.read(GPE_EN, &mut eight);
+        assert_eq!(eight, [0x01, 1, 0, 0, 0, 0, 0, 0]);
+        pm.read(u64::MAX, &mut eight);
+        assert_eq!(eight, [0; 8]);
+    }
+
+    #[test]
+    fn raising_a_gpe_outside_the_block_is_ignored() {
+        let (mut pm, sci) = dev_with_sci();
+        pm.write(GPE_EN, &[0xff, 0xff]);
+        assert!(!pm.raise_gpe(16));
+        assert!(!pm.raise_gpe(255));
+        assert_eq!(read16(&mut pm, GPE_STS), 0);
+        assert!(sci.levels().is_empty());
+    }
+
+    #[test]
+    fn gpe_state_round_trips_and_a_pending_gpe_raises_the_sci_again() {
+        let (mut a, _) = dev_with_sci();
+        a.write(GPE_EN, &[0b10]);
+        a.raise_gpe(1);
+        let (mut b, sci_b) = dev_with_sci();
+        crate::persist::assert_round_trip(&a, &mut b);
+        assert!(sci_b.is_high());
+        assert_eq!(read16(&mut b, GPE_EN), 0b10);
+    }
+
+    #[test]
+    fn state_without_gpe_fields_loads_with_gpe_cleared() {
+        let s: AcpiPmState =
+            serde_json::from_str(r#"{"status":256,"enable":256,"control":1}"#).unwrap();
+        assert_eq!((s.gpe_status, s.gpe_enable), (0, 0));
     }
 }
