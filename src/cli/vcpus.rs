@@ -14,6 +14,7 @@ pub struct SetvcpusArgs {
     /// The VM's name
     pub name: String,
     /// How many vCPUs it should have: 1 to its --cpus max
+    #[arg(allow_hyphen_values = true)]
     pub count: String,
 }
 

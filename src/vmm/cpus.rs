@@ -270,13 +270,17 @@ impl Vmm {
         self.config.cpus.boot = n.max(1);
     }
 
-    /// Tells the guest's ACPI code to look at the CPUs (`\_GPE._E02` calls `CSCN`).
+    /// Tells the guest's ACPI code to look at the CPUs (`\_GPE._E02` calls `CSCN`). A guest
+    /// that has not enabled the GPE (no ACPI, or not booted that far) finds the status bit
+    /// set when it does.
     fn raise_cpu_hotplug_gpe(&self) {
         let Some(pm) = self.devices.acpi_pm() else {
             return;
         };
-        let _ = pm;
-        log::warn!("no GPE block yet: the guest is not told about CPU hotplug");
+        let enabled = lock_device(&pm, |pm| pm.raise_gpe(boot::x86_64::acpi::GPE_CPU_HOTPLUG));
+        if !enabled {
+            log::info!("CPU hotplug: the guest has not enabled its GPE yet");
+        }
     }
 
     /// The controller's state, for a snapshot.

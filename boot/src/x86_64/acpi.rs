@@ -322,6 +322,13 @@ fn gpe_methods(opts: &AcpiOptions) -> Vec<Term> {
             vec![Term::Eval(Expr::call("\\_SB.PCI0.PCNT", vec![]))],
         ));
     }
+    if opts.cpu_hotplug.is_some() {
+        terms.push(Term::method(
+            &format!("_E{GPE_CPU_HOTPLUG:02X}"),
+            0,
+            vec![Term::Eval(Expr::call("\\_SB.CPUS.CSCN", vec![]))],
+        ));
+    }
     terms
 }
 
@@ -582,6 +589,7 @@ mod tests {
             ..Default::default()
         });
         assert!(names.contains(&"\\_SB_.CPUS.C001._MAT".to_string()));
+        assert!(names.contains(&"\\_GPE._E02".to_string()), "{names:?}");
         assert!(!dsdt_names(&AcpiOptions::default())
             .iter()
             .any(|n| n.contains("CPUS")));
