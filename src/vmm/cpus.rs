@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{Vmm, VmmError};
 use crate::device_manager::{DeviceError, EventLoop};
 use crate::run_state::VmState;
-use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
+use crate::vcpu::{Vcpu, VcpuHandle};
 
 /// How long an unplugged vCPU's thread may take to end.
 const PARK_WAIT: Duration = Duration::from_secs(5);
@@ -226,7 +226,7 @@ impl Vmm {
         };
         let handle = vcpu
             .start(self.state == VmState::Paused)
-            .map_err(|e| fail(VcpuError::from(e).into()))?;
+            .map_err(|e| fail(e.into()))?;
         self.insert_handle(handle);
         if let Some(c) = &self.hotplug {
             c.with(|d| d.insert(id))?;

@@ -186,9 +186,14 @@ impl CpuHotplug {
         let Some(s) = self.slots.get(usize::from(self.selected)) else {
             return 0;
         };
-        u8::from(s.present) * STATUS_PRESENT
-            | u8::from(s.inserting) * STATUS_INSERTING
-            | u8::from(s.removing) * STATUS_REMOVING
+        [
+            (s.present, STATUS_PRESENT),
+            (s.inserting, STATUS_INSERTING),
+            (s.removing, STATUS_REMOVING),
+        ]
+        .iter()
+        .filter(|(set, _)| *set)
+        .fold(0, |acc, (_, bit)| acc | bit)
     }
 
     fn command(&mut self, cmd: u8) {
