@@ -166,7 +166,6 @@ impl Vmm {
         };
         let (active, present) = ctl.with(|d| (d.active(), d.present()));
         let want = usize::from(count);
-        let mut changed = false;
         if want < active.len() {
             ctl.with(|d| {
                 active[want..]
@@ -174,32 +173,33 @@ impl Vmm {
                     .rev()
                     .try_for_each(|&id| d.request_remove(id))
             })?;
-            changed = true;
-        } else if want > active.len() {
-            let mut need = want - active.len();
-            // First withdraw removals the guest has not done yet, lowest CPUs first.
-            let leaving: Vec<u8> = present
-                .into_iter()
-                .filter(|p| !active.contains(p))
-                .collect();
-            for id in leaving.into_iter().take(need) {
-                ctl.with(|d| d.cancel_remove(id))?;
-                need -= 1;
-                changed = true;
-            }
-            let absent: Vec<u8> = (0..max)
-                .filter(|id| !self.present_vcpus().contains(id))
-                .collect();
-            for id in absent.into_iter().take(need) {
-                self.plug(id)?;
-                changed = true;
-            }
-        }
-        if changed {
-            self.follow_present();
             self.raise_cpu_hotplug_gpe();
+            return Ok(());
         }
-        Ok(())
+        let mut need = want - active.len();
+        if need == 0 {
+            return Ok(());
+        }
+        // First withdraw removals the guest has not done yet, lowest CPUs first.
+        let leaving: Vec<u8> = present
+            .iter()
+            .copied()
+            .filter(|p| !active.contains(p))
+            .take(need)
+            .collect();
+        for &id in &leaving {
+            ctl.with(|d| d.cancel_remove(id))?;
+        }
+        need -= leaving.len();
+        let absent: Vec<u8> = (0..max).filter(|id| !present.contains(id)).collect();
+        // Even when a plug fails, the guest hears of those done before it.
+        let plugged = absent
+            .into_iter()
+            .take(need)
+            .try_for_each(|id| self.plug(id));
+        self.follow_present();
+        self.raise_cpu_hotplug_gpe();
+        plugged
     }
 
     /// Starts vCPU `id` (new, or the one unplugged before) and marks its CPU inserted.
