@@ -149,7 +149,7 @@ impl Vmm {
 
     /// The present vCPUs, ascending.
     pub fn present_vcpus(&self) -> Vec<u8> {
-        match &self.hotplug {
+        match &self.cpu_hotplug {
             Some(c) => c.with(|d| d.present()),
             None => (0..self.config.cpus.boot).collect(),
         }
@@ -161,7 +161,7 @@ impl Vmm {
         if count == 0 || count > max {
             return Err(SetVcpusError::OutOfRange { count, max });
         }
-        let Some(ctl) = &self.hotplug else {
+        let Some(ctl) = &self.cpu_hotplug else {
             return Ok(()); // max is 1: nothing to change
         };
         let (active, present) = ctl.with(|d| (d.active(), d.present()));
@@ -208,7 +208,7 @@ impl Vmm {
             id,
             source: Box::new(e),
         };
-        let parked = self.hotplug.as_mut().and_then(|c| {
+        let parked = self.cpu_hotplug.as_mut().and_then(|c| {
             let at = c.parked.iter().position(|v| v.id() == id)?;
             Some(c.parked.swap_remove(at))
         });
@@ -216,7 +216,7 @@ impl Vmm {
             Some(mut v) => match v.reinit() {
                 Ok(()) => v,
                 Err(e) => {
-                    if let Some(c) = self.hotplug.as_mut() {
+                    if let Some(c) = self.cpu_hotplug.as_mut() {
                         c.parked.push(v);
                     }
                     return Err(fail(e.into()));
@@ -228,7 +228,7 @@ impl Vmm {
             .start(self.state == VmState::Paused)
             .map_err(|e| fail(e.into()))?;
         self.insert_handle(handle);
-        if let Some(c) = &self.hotplug {
+        if let Some(c) = &self.cpu_hotplug {
             c.with(|d| d.insert(id))?;
         }
         Ok(())
@@ -241,7 +241,7 @@ impl Vmm {
 
     /// Ends the threads of the vCPUs the guest ejected, keeping the vCPUs.
     pub(super) fn reap_ejected(&mut self) {
-        let Some(ctl) = &self.hotplug else { return };
+        let Some(ctl) = &self.cpu_hotplug else { return };
         let ejected = ctl.with(|d| d.take_ejected());
         if ejected.is_empty() {
             return;
@@ -253,7 +253,7 @@ impl Vmm {
             let h = self.handles.remove(at);
             match h.take_back(PARK_WAIT) {
                 Some(v) => {
-                    if let Some(c) = self.hotplug.as_mut() {
+                    if let Some(c) = self.cpu_hotplug.as_mut() {
                         c.parked.push(v);
                     }
                     log::info!("vCPU {id} unplugged");
@@ -285,6 +285,6 @@ impl Vmm {
 
     /// The controller's state, for a snapshot.
     pub(super) fn cpu_hotplug_state(&self) -> Option<CpuHotplugState> {
-        self.hotplug.as_ref().map(CpuHotplugCtl::save)
+        self.cpu_hotplug.as_ref().map(CpuHotplugCtl::save)
     }
 }

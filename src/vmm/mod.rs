@@ -137,7 +137,7 @@ pub struct Vmm {
     /// Started vCPU threads, by index.
     handles: Vec<VcpuHandle>,
     /// CPU hotplug (a VM that may have more than one vCPU), with the unplugged vCPUs.
-    hotplug: Option<cpus::CpuHotplugCtl>,
+    cpu_hotplug: Option<cpus::CpuHotplugCtl>,
     devices: DeviceManager,
     events: EventLoop,
     run_state: Arc<RunState>,
@@ -250,7 +250,7 @@ impl Vmm {
         if let Some(b) = &cfg.balloon {
             devices.attach_balloon(&mut events, b)?;
         }
-        let hotplug = match cfg.cpus.max {
+        let cpu_hotplug = match cfg.cpus.max {
             0 | 1 => None,
             max => Some(cpus::CpuHotplugCtl::attach(
                 &devices.buses(),
@@ -262,7 +262,7 @@ impl Vmm {
         let mut vmm = Vmm {
             vcpus: Vec::new(),
             handles: Vec::new(),
-            hotplug,
+            cpu_hotplug,
             devices,
             events,
             run_state,

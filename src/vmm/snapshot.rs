@@ -117,7 +117,7 @@ impl Vmm {
         vmm.devices
             .restore_state(&state.devices)
             .map_err(|e| invalid(e.into()))?;
-        if let (Some(ctl), Some(s)) = (&vmm.hotplug, &state.devices.cpu_hotplug) {
+        if let (Some(ctl), Some(s)) = (&vmm.cpu_hotplug, &state.devices.cpu_hotplug) {
             ctl.restore(s).map_err(|e| invalid(e.into()))?;
         }
         vmm.restored = true;
