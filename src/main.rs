@@ -5,7 +5,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ember::cli::{self, balloon, clone, defs, jail, migrate, run, snapshots, vcpus, verbs};
+use ember::cli::{
+    self, balloon, clone, defs, hotplug, jail, migrate, run, snapshots, vcpus, verbs,
+};
 
 #[derive(Parser)]
 #[command(name = "ember", version, about = "A small hypervisor on Linux KVM", long_about = None)]
@@ -54,6 +56,18 @@ enum Command {
     Setmaxmem(balloon::SetmaxmemArgs),
     /// Show a VM's memory statistics (balloon, guest figures, host RSS) in KiB
     Dommemstat(balloon::DommemstatArgs),
+    /// Attach a disk image to a running VM (PCI hotplug)
+    #[command(name = "attach-disk")]
+    AttachDisk(hotplug::AttachDiskArgs),
+    /// Detach a disk from a running VM once its guest released it
+    #[command(name = "detach-disk")]
+    DetachDisk(hotplug::DetachDiskArgs),
+    /// Attach a network interface to a running VM (PCI hotplug)
+    #[command(name = "attach-interface")]
+    AttachInterface(hotplug::AttachIfaceArgs),
+    /// Detach a network interface from a running VM once its guest released it
+    #[command(name = "detach-interface")]
+    DetachInterface(hotplug::DetachIfaceArgs),
     /// Save a running VM to a file and stop it (memory goes to FILE.mem)
     Save(verbs::SaveArgs),
     /// Start a VM from a file 'ember save' wrote, in the background
@@ -127,6 +141,10 @@ fn main() -> ExitCode {
         Command::Setmem(a) => balloon::setmem(a),
         Command::Setmaxmem(a) => balloon::setmaxmem(a),
         Command::Dommemstat(a) => balloon::dommemstat(a),
+        Command::AttachDisk(a) => hotplug::attach_disk(a),
+        Command::DetachDisk(a) => hotplug::detach_disk(a),
+        Command::AttachInterface(a) => hotplug::attach_interface(a),
+        Command::DetachInterface(a) => hotplug::detach_interface(a),
         Command::Save(a) => verbs::save(a),
         Command::Restore(a) => verbs::restore(a),
         Command::SnapshotCreateAs(a) => snapshots::create(a),

@@ -550,6 +550,7 @@ fn preboot_answer(
         | ApiRequest::Migrate(_)
         | ApiRequest::MigrationAbort
         | ApiRequest::SetVcpus(_)
+        | ApiRequest::Hotplug(_)
         | ApiRequest::EmberAction(_) => api::bad_request(msg::BEFORE_START),
         ApiRequest::EmberInfo => Response::json(
             200,
@@ -584,6 +585,7 @@ fn snapshot_load(pending: &PendingVm, l: &fc::SnapshotLoad) -> Result<RestoreSpe
             tap: Some(o.host_dev_name.clone()),
             fd: None,
             network: None,
+            bridge: None,
             mac: None,
             mtu: 1500,
             transport: None,

@@ -22,9 +22,12 @@
 //! | `count=N`  | the same, then powers off right after `tick N` (`count=0`: never) |
 //! | `dirty=K`  | with `count`: stores K KiB (at most 4096) between ticks (below)   |
 //! | `idle`     | prints `tiny: idle`, then `sti; hlt` forever                      |
+//! | `ejector`  | prints `tiny: ejector`, then forever: every ~10 ms reads the PCI   |
+//! |            | hotplug controller's `PCID` (port 0xae04) and writes what it read  |
+//! |            | to `PCEJ` (0xae08): a guest that gives back every slot asked back |
 //!
 //! With none of the ending words it powers off through ACPI (PM1a_CNT, S5). `count`,
-//! `idle`, `halt`, `exit=`, `reboot` and `triple` end the word list; `dirty=K` is looked up
+//! `idle`, `ejector`, `halt`, `exit=`, `reboot` and `triple` end the word list; `dirty=K` is looked up
 //! on the whole line, before or after `count`.
 //!
 //! **`count`.** Before the first tick it prints `tiny: counting, one tick = C TSC cycles`.
@@ -110,6 +113,9 @@ tg_next_word:
     lea rdi, [rip + tg_w_idle]
     call tg_word_is
     jz tg_do_idle
+    lea rdi, [rip + tg_w_ejector]
+    call tg_word_is
+    jz tg_do_ejector
 tg_skip_word:
     mov al, byte ptr [r12]
     test al, al
@@ -264,6 +270,25 @@ tg_do_idle:
     jmp .Ltg_do_idle_2
 tg_iret:
     iretq
+
+// ejector: PCID -> PCEJ every ~10 ms (a spin of pause instructions between polls).
+tg_do_ejector:
+    lea rsi, [rip + tg_ejector_label]
+    call tg_puts
+.Ltg_eject_1:
+    mov dx, 0xae04
+    in eax, dx
+    test eax, eax
+    jz .Ltg_eject_2
+    mov dx, 0xae08
+    out dx, eax
+.Ltg_eject_2:
+    mov ecx, 5000
+.Ltg_eject_3:
+    pause
+    dec ecx
+    jnz .Ltg_eject_3
+    jmp .Ltg_eject_1
 
 tg_default_end:
     lea rsi, [rip + tg_bye]
@@ -552,10 +577,12 @@ tg_w_count:     .asciz "count"
 tg_w_count_eq:  .asciz "count="
 tg_w_dirty_eq:  .asciz "dirty="
 tg_w_idle:      .asciz "idle"
+tg_w_ejector:   .asciz "ejector"
 tg_count_label: .asciz "tiny: counting, one tick = "
 tg_count_label2: .asciz " TSC cycles\n"
 tg_tick_label:  .asciz "tick "
 tg_idle_label:  .asciz "tiny: idle\n"
+tg_ejector_label: .asciz "tiny: ejector\n"
     // The IDT `idle` fills in: 256 gates of 16 bytes.
     .balign 16
 tg_idt:         .skip 4096

@@ -105,7 +105,19 @@ pub fn call(
     path: &str,
     body: Option<&str>,
 ) -> Result<ParsedResponse, ClientError> {
-    let mut s = connect(sock, TIMEOUT)?;
+    call_waiting(sock, method, path, body, TIMEOUT)
+}
+
+/// [`call`] for a request whose answer may take up to `timeout` (a detach waits for the
+/// guest).
+pub fn call_waiting(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<ParsedResponse, ClientError> {
+    let mut s = connect(sock, timeout)?;
     s.write_all(&request_bytes(
         method,
         path,

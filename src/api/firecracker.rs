@@ -540,6 +540,7 @@ impl PendingVm {
                 tap: Some(n.host_dev_name.clone()),
                 fd: None,
                 network: None,
+                bridge: None,
                 mac: n.guest_mac,
                 mtu: n.mtu.unwrap_or(1500),
                 transport: None,

@@ -7,6 +7,7 @@
 pub mod balloon;
 pub mod client;
 pub mod firecracker;
+pub mod hotplug;
 pub mod http;
 pub mod server;
 
@@ -111,6 +112,8 @@ pub enum ApiRequest {
     MigrationAbort,
     /// `PUT /ember/receive-migration`: wait for a VM (before one is configured).
     ReceiveMigration(crate::migration::ReceiveRequest),
+    /// `PUT /ember/devices/{disk,net,detach}`: hotplug.
+    Hotplug(hotplug::HotplugRequest),
     /// `PUT /ember/vcpus`: plug vCPUs in or out (`virsh setvcpus`).
     SetVcpus(SetVcpus),
 }
@@ -264,6 +267,7 @@ fn route_put(req: &Request, parts: &[&str], first: &str) -> Result<ApiRequest, R
         "ember" if parts.get(1) == Some(&"actions") => Ok(ApiRequest::EmberAction(body(req)?)),
         "ember" if parts.get(1) == Some(&"save") => Ok(ApiRequest::EmberSave(body(req)?)),
         "ember" if parts.get(1..) == Some(&["vcpus"]) => Ok(ApiRequest::SetVcpus(body(req)?)),
+        "ember" if parts.get(1) == Some(&"devices") => hotplug::route(req, parts),
         "ember" if parts.get(1) == Some(&"migrate") => Ok(ApiRequest::Migrate(body(req)?)),
         "ember" if parts.get(1..) == Some(&["migration", "abort"]) => {
             Ok(ApiRequest::MigrationAbort)

@@ -23,6 +23,7 @@ pub mod clone;
 pub mod console;
 pub mod defs;
 pub mod detach;
+pub mod hotplug;
 pub mod jail;
 pub mod migrate;
 pub mod run;

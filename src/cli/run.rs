@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// [qemu: -device virtio-balloon]
     #[arg(long, value_name = "SPEC")]
     pub balloon: Option<String>,
+    /// The transport of devices that name none: mmio (default) or pci. With pci the VM has
+    /// a PCI bus and its ACPI hotplug slots (ember attach-disk/attach-interface need them)
+    #[arg(long, value_name = "mmio|pci")]
+    pub transport: Option<String>,
     /// VM name, unique on the host (default ember-PID); default MACs derive from it
     /// [qemu: -name, firecracker: --id]
     #[arg(long, visible_alias = "id", value_name = "NAME")]
@@ -226,6 +230,18 @@ impl RunArgs {
             .map(|n| NetConfig::parse(n))
             .collect::<Result<_, _>>()?;
         c.root = self.root.clone();
+        if let Some(t) = &self.transport {
+            c.transport = match t.as_str() {
+                "mmio" => config::Transport::Mmio,
+                "pci" => config::Transport::Pci,
+                other => {
+                    return Err(ConfigError::new(
+                        "--transport",
+                        format!("'{other}' is not a transport; use mmio or pci"),
+                    ))
+                }
+            };
+        }
         if let Some(spec) = &self.balloon {
             c.balloon = BalloonConfig::parse(spec)?;
         }

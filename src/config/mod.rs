@@ -159,7 +159,8 @@ impl DiskConfig {
         Ok(d)
     }
 
-    fn check(&self, option: &str) -> Result<(), ConfigError> {
+    /// Checks what can be checked without opening the image.
+    pub fn check(&self, option: &str) -> Result<(), ConfigError> {
         let err = |m: String| ConfigError::new(option, m);
         if self.path.as_os_str().is_empty() {
             return Err(err("names no file; use path=FILE".into()));
@@ -181,7 +182,7 @@ impl DiskConfig {
     }
 }
 
-/// One NIC: `--net tap=NAME|fd=N|network=NAME[,id=ethN][,mac=..][,mtu=N][,transport=mmio|pci]`.
+/// One NIC: `--net tap=NAME|fd=N|network=NAME|bridge=NAME[,id=ethN][,mac=..][,mtu=N][,transport=mmio|pci]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
@@ -197,6 +198,9 @@ pub struct NetConfig {
     /// A network made by `ember net create`: Ember makes a tap on its bridge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// An existing host bridge: Ember makes a tap on it (virsh's `--type bridge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
     /// The MAC; derived from the VM name when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<Mac>,
@@ -225,6 +229,8 @@ pub enum NetBackendConfig {
     Fd(i32),
     /// A tap Ember creates on a network's bridge.
     Network(String),
+    /// A tap Ember creates on a host bridge.
+    Bridge(String),
 }
 
 impl NetConfig {
@@ -235,17 +241,19 @@ impl NetConfig {
         Ok(n)
     }
 
-    fn check(&self, option: &str) -> Result<(), ConfigError> {
+    /// Checks the backend, MTU and id.
+    pub fn check(&self, option: &str) -> Result<(), ConfigError> {
         let err = |m: String| ConfigError::new(option, m);
         let given = [
             self.tap.is_some(),
             self.fd.is_some(),
             self.network.is_some(),
+            self.bridge.is_some(),
         ];
         match given.iter().filter(|g| **g).count() {
-            0 => return Err(err("names no tap=, fd= or network=".into())),
+            0 => return Err(err("names no tap=, fd=, network= or bridge=".into())),
             1 => {}
-            _ => return Err(err("give one of tap=, fd= or network=".into())),
+            _ => return Err(err("give one of tap=, fd=, network= or bridge=".into())),
         }
         if let Some(fd) = self.fd {
             if fd <= 2 {
@@ -254,7 +262,10 @@ impl NetConfig {
                 )));
             }
         }
-        for n in [&self.tap, &self.network].into_iter().flatten() {
+        for n in [&self.tap, &self.network, &self.bridge]
+            .into_iter()
+            .flatten()
+        {
             if n.is_empty() || n.len() > 15 || n.contains(['/', ' ']) {
                 return Err(err(format!(
                     "'{n}' is not an interface name (1 to 15 characters)"
@@ -272,10 +283,11 @@ impl NetConfig {
 
     /// The backend (the config was checked, so exactly one is set).
     pub fn backend(&self) -> NetBackendConfig {
-        match (&self.tap, self.fd, &self.network) {
-            (Some(t), _, _) => NetBackendConfig::Tap(t.clone()),
-            (_, Some(fd), _) => NetBackendConfig::Fd(fd),
-            (_, _, Some(n)) => NetBackendConfig::Network(n.clone()),
+        match (&self.tap, self.fd, &self.network, &self.bridge) {
+            (Some(t), _, _, _) => NetBackendConfig::Tap(t.clone()),
+            (_, Some(fd), _, _) => NetBackendConfig::Fd(fd),
+            (_, _, Some(n), _) => NetBackendConfig::Network(n.clone()),
+            (_, _, _, Some(b)) => NetBackendConfig::Bridge(b.clone()),
             _ => NetBackendConfig::Tap(String::new()),
         }
     }

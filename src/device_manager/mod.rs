@@ -6,6 +6,7 @@
 //! undoes each step and gives the resources back.
 
 mod balloon;
+mod hotplug;
 mod pci;
 mod persist;
 mod resources;
@@ -35,6 +36,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use balloon::lock as lock_balloon;
+pub use hotplug::Plugged;
 pub use pci::PciDeviceState;
 pub use resources::{ResourceAllocator, Resources};
 use wiring::{clone_eventfds, queue_eventfds, register_notifies, unregister_notifies};
@@ -99,6 +101,9 @@ pub enum DeviceError {
         /// What is wrong.
         message: String,
     },
+    /// A bridge named by --net bridge= does not exist.
+    #[error("--net bridge={0}: no such interface on the host")]
+    NoBridge(String),
     /// Setting up a tap failed.
     #[error("--net: cannot set up tap '{name}'")]
     TapSetup {
@@ -129,6 +134,21 @@ pub enum DeviceError {
     /// Every GSI for MSI-X vectors is taken.
     #[error("no GSI left for MSI-X vectors")]
     NoMsiGsi,
+    /// Hotplug needs a PCI host, which this VM was started without.
+    #[error(
+        "this VM has no PCI bus, so devices cannot be attached or detached while it runs \
+         (start it with transport=pci for the VM or for one of its devices)"
+    )]
+    NoPciBus,
+    /// A device on virtio-mmio cannot leave a running VM.
+    #[error("device '{0}' is on virtio-mmio: only PCI devices can be detached while the VM runs")]
+    NotHotpluggable(String),
+    /// A detach of this device waits for the guest already.
+    #[error("a detach of device '{0}' is pending: the guest has not released it yet")]
+    DetachPending(String),
+    /// The hotplug controller refused a slot (a bug).
+    #[error("PCI hotplug")]
+    Hotplug(#[source] devices::pci::hotplug::HotplugError),
     /// The virtio-pci function cannot be laid out (a bug in the device model).
     #[error("cannot build the virtio-pci function")]
     PciLayout(#[source] devices::virtio::pci::VirtioPciError),
@@ -246,6 +266,10 @@ pub struct DeviceManager {
     pci: Option<pci::PciDevices>,
     /// The transport of devices that do not name one.
     default_transport: Transport,
+    /// Taps made for NICs on networks so far (each gets a new name).
+    taps_made: usize,
+    /// Where PCI devices go when the VM is rebuilt from a snapshot.
+    pci_placements: Vec<pci::PciPlacement>,
 }
 
 /// Opens the tap behind a --net: by name (created and brought up if it did not exist), a
@@ -281,14 +305,27 @@ fn open_tap(backend: &NetBackendConfig, own_name: &str) -> Result<Tap, DeviceErr
                     ),
                 });
             }
-            // A tap of our own, gone when ember exits.
-            let name = own_name.to_string();
-            let t = Tap::open(&name)?;
-            tap::add_to_bridge(network.bridge(), &name).map_err(setup(&name))?;
-            tap::set_interface_up(&name).map_err(setup(&name))?;
-            Ok(t)
+            own_tap_on(network.bridge(), own_name)
+        }
+        NetBackendConfig::Bridge(bridge) => {
+            if !tap::interface_exists(bridge) {
+                return Err(DeviceError::NoBridge(bridge.clone()));
+            }
+            own_tap_on(bridge, own_name)
         }
     }
+}
+
+/// A tap of our own named `name` on `bridge`, up; gone when ember exits.
+fn own_tap_on(bridge: &str, name: &str) -> Result<Tap, DeviceError> {
+    let setup = |source| DeviceError::TapSetup {
+        name: name.to_string(),
+        source,
+    };
+    let t = Tap::open(name)?;
+    tap::add_to_bridge(bridge, name).map_err(setup)?;
+    tap::set_interface_up(name).map_err(setup)?;
+    Ok(t)
 }
 
 fn irqfd(vm: &VmFd, irq: u32) -> Result<EventFd, DeviceError> {
@@ -310,6 +347,8 @@ impl DeviceManager {
             legacy: None,
             pci: None,
             default_transport: Transport::default(),
+            taps_made: 0,
+            pci_placements: Vec::new(),
         }
     }
 
@@ -478,7 +517,8 @@ impl DeviceManager {
         cfg: &NetConfig,
     ) -> Result<(), DeviceError> {
         self.check_new_id(cfg.id())?;
-        let own_tap = format!("em{}n{}", std::process::id(), self.entries.len());
+        let own_tap = format!("em{}n{}", std::process::id(), self.taps_made);
+        self.taps_made += 1;
         let tap = open_tap(&cfg.backend(), &own_tap)?;
         let mac = cfg.mac.map(|m| m.0).unwrap_or_else(|| mac_for("ember", 0));
         log::debug!("NIC {}: tap {} mac {mac:02x?}", cfg.id(), tap.name());

@@ -16,7 +16,7 @@ use boot::layout::{
     pci_mmio64_window, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
 use boot::x86_64::acpi::PciHost;
-use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot};
+use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciHotplug, PciRoot};
 use devices::persist::{Persist, StateError};
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciState, BAR_SIZE};
 use devices::virtio::{VirtioDevice, VirtioTransport};
@@ -41,7 +41,7 @@ pub(super) struct PciEntry {
     pub(super) id: String,
     pub(super) handle: VirtioHandle,
     transport: Arc<Mutex<VirtioPciDevice>>,
-    slot: u8,
+    pub(super) slot: u8,
     /// Where Ember placed BAR 0 (its share of the window, whatever the guest did since).
     bar: u64,
     pub(super) queue_evts: Vec<EventFd>,
@@ -58,6 +58,9 @@ pub(super) struct PciDevices {
     windows: Vec<(u64, u64)>,
     host: PciHost,
     pub(super) entries: Vec<PciEntry>,
+    /// The ACPI hotplug controller and the eventfd it fires when the guest ejects a slot.
+    pub(super) hotplug: Arc<Mutex<PciHotplug>>,
+    pub(super) hotplug_wake: EventFd,
 }
 
 /// A device's PCI placement and transport state, as a snapshot keeps it.
@@ -71,6 +74,17 @@ pub struct PciDeviceState {
     pub bar: u64,
     /// The transport, with the device's queues.
     pub transport: VirtioPciState,
+}
+
+/// Where a device of a snapshot sat: it goes there again when the VM is rebuilt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciPlacement {
+    /// Its id.
+    pub id: String,
+    /// Its slot.
+    pub slot: u8,
+    /// Where Ember placed its BAR 0.
+    pub bar: u64,
 }
 
 /// Where a new device goes: its slot on the root bus, its BAR, the windows BARs may move in.
@@ -109,6 +123,14 @@ impl DeviceManager {
             self.buses.pio.remove(CONFIG_PORTS.0);
             return Err(e.into());
         }
+        let (hotplug, hotplug_wake) = match self.attach_hotplug_controller() {
+            Ok(h) => h,
+            Err(e) => {
+                self.buses.pio.remove(CONFIG_PORTS.0);
+                self.buses.mmio.remove(PCI_ECAM_START);
+                return Err(e);
+            }
+        };
         let mmio64 = pci_mmio64_window(memory_size(&self.mem));
         let mmio32 = (PCI_MMIO32_START, PCI_MMIO32_SIZE);
         self.pci = Some(PciDevices {
@@ -122,8 +144,23 @@ impl DeviceManager {
                 mmio64,
             },
             entries: Vec::new(),
+            hotplug,
+            hotplug_wake,
         });
         Ok(())
+    }
+
+    /// Puts the PCI devices attached from now on where a snapshot's sat (`states`), by id;
+    /// a device without a placement gets the lowest free slot.
+    pub fn place_pci_devices(&mut self, states: &[PciDeviceState]) {
+        self.pci_placements = states
+            .iter()
+            .map(|s| PciPlacement {
+                id: s.id.clone(),
+                slot: s.slot,
+                bar: s.bar,
+            })
+            .collect();
     }
 
     /// The PCI host for the ACPI tables, if the VM has one.
@@ -174,9 +211,26 @@ impl DeviceManager {
         id: &str,
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<PciWired, DeviceError> {
+        let placed = self.pci_placements.iter().find(|p| p.id == id).cloned();
         let p = self.pci.as_mut().ok_or(DeviceError::NoPciSlot)?;
-        let slot = p.root.free_slot().ok_or(DeviceError::NoPciSlot)?;
-        let bar = p.mmio64.alloc(BAR_SIZE).ok_or(DeviceError::NoPciSpace)?;
+        let (slot, bar) = match placed {
+            // Where a snapshot's device sat (so a hole a detach left stays a hole).
+            Some(at) => {
+                let free = p.root.is_free(at.slot);
+                let slot = Some(at.slot)
+                    .filter(|_| free)
+                    .ok_or(DeviceError::NoPciSlot)?;
+                let bar = p.mmio64.alloc_at(at.bar, BAR_SIZE);
+                (slot, bar.ok_or(DeviceError::NoPciSpace)?)
+            }
+            None => {
+                let slot = p.root.free_slot().ok_or(DeviceError::NoPciSlot)?;
+                (
+                    slot,
+                    p.mmio64.alloc(BAR_SIZE).ok_or(DeviceError::NoPciSpace)?,
+                )
+            }
+        };
         let seat = Seat {
             root: p.root.clone(),
             slot,

@@ -49,6 +49,10 @@ impl DeviceManager {
             pci: self.save_pci_state(),
             // The VMM fills it in: the controller is its part.
             cpu_hotplug: None,
+            pci_hotplug: self
+                .pci
+                .as_ref()
+                .map(|p| lock_device(&p.hotplug, |h| h.save())),
         })
     }
 
@@ -98,6 +102,9 @@ impl DeviceManager {
             lock_device(&e.transport, |t| t.restore(&st.transport))?;
         }
         self.restore_pci_state(&s.pci)?;
+        if let (Some(p), Some(st)) = (&self.pci, &s.pci_hotplug) {
+            lock_device(&p.hotplug, |h| h.restore(st))?;
+        }
         self.restore_balloon(s.balloon.as_ref())
     }
 }

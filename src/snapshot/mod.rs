@@ -66,6 +66,10 @@ pub struct DevicesState {
     /// present, so which the saved vCPU states are for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_hotplug: Option<CpuHotplugState>,
+    /// The PCI hotplug controller (slots announced or asked back), when the VM has a PCI
+    /// bus (absent from older snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_hotplug: Option<devices::pci::hotplug::PciHotplugState>,
 }
 
 /// A VM's state (the state file's payload).
@@ -165,25 +169,26 @@ impl SnapshotState {
             )));
         }
         self.check_present_cpus()?;
+        // Each device's state is on the list of its transport: virtio-mmio or PCI.
         let devices = self.config.virtio_devices();
-        if self.devices.virtio.len() != devices {
+        let states = self.devices.virtio.len() + self.devices.pci.len();
+        if states != devices {
             return Err(SnapshotError::Invalid(format!(
-                "{} virtio device states for {devices} devices",
-                self.devices.virtio.len()
+                "{states} virtio device states for {devices} devices"
             )));
         }
         let ids: Vec<&str> = (self.config.disks.iter().map(|d| d.id()))
             .chain(self.config.nets.iter().map(|n| n.id()))
             .collect();
-        if let Some(v) = self
-            .devices
-            .virtio
-            .iter()
-            .find(|v| !ids.contains(&v.id.as_str()))
+        let mmio = self.devices.virtio.iter().map(|v| v.id.as_str());
+        let pci = self.devices.pci.iter().map(|p| p.id.as_str());
+        let balloon = crate::config::BALLOON_ID;
+        if let Some(id) = mmio
+            .chain(pci)
+            .find(|id| !(ids.contains(id) || *id == balloon && self.config.balloon.is_some()))
         {
             return Err(SnapshotError::Invalid(format!(
-                "virtio device state {} is for no disk or NIC of its configuration",
-                v.id
+                "virtio device state {id} is for no disk or NIC of its configuration"
             )));
         }
         if self.devices.pvpanic.is_some() != self.config.pvpanic {

@@ -47,6 +47,14 @@ impl Vmm {
                     Ok(()) => continue, // answered when the migration ends
                     Err(r) => r,
                 },
+                Ok(ApiRequest::Hotplug(_)) if self.migration_holds() => Response::fault(
+                    409,
+                    "a migration of this VM is under way; cancel it first (ember domjobabort)",
+                ),
+                Ok(ApiRequest::Hotplug(h)) => match self.hotplug(h, conn) {
+                    Some(r) => r,
+                    None => continue, // answered when the guest released the device
+                },
                 Ok(r) => self.handle(r, session),
                 Err(resp) => resp,
             };
@@ -122,6 +130,8 @@ impl Vmm {
                 Err(e) if e.is_user_error() => api::bad_request(&e.to_string()),
                 Err(e) => Response::fault(500, &crate::error_chain(&e)),
             },
+            // Answered in serve_api, which holds the connection a detach answers later.
+            ApiRequest::Hotplug(_) => Response::fault(500, "hotplug request out of place"),
             ApiRequest::Migrate(_) | ApiRequest::ReceiveMigration(_) => api::bad_request(
                 "this VM runs already; receive-migration is for an Ember that waits for one",
             ),

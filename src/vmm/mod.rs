@@ -7,6 +7,7 @@ mod balloon;
 mod control;
 pub mod cpuid;
 mod cpus;
+mod hotplug;
 mod migrate;
 mod named;
 mod snapshot;
@@ -104,6 +105,7 @@ impl VmmError {
                 | DeviceError::NoIrq
                 | DeviceError::Tap(_)
                 | DeviceError::Network { .. }
+                | DeviceError::NoBridge(_)
                 | DeviceError::DuplicateId(_),
             ) => true,
             VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
@@ -156,6 +158,8 @@ pub struct Vmm {
     plan: cpuid::CpuidPlan,
     /// An outgoing migration, if one runs or ran.
     migration: migrate::Migration,
+    /// Detaches waiting for the guest.
+    detaches: Vec<hotplug::PendingDetach>,
 }
 
 fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmmError> {
@@ -208,15 +212,17 @@ fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
 impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, devices, vCPUs; no kernel yet.
     pub fn build(cfg: &VmConfig, session: &Session) -> Result<Self, VmmError> {
-        Self::build_with_memory(cfg, session, None, None)
+        Self::build_with_memory(cfg, session, None, &[], None)
     }
 
-    /// [`Self::build`], with guest memory given (mapped from a snapshot) or made anew, and
-    /// the vCPUs of the CPUs `present` (default: the first `cpus.boot`).
+    /// [`Self::build`], with guest memory given (mapped from a snapshot) or made anew.
+    /// PCI devices named in `placed` (a snapshot's) go where they sat; the vCPUs are those
+    /// of the CPUs `present` (default: the first `cpus.boot`).
     pub fn build_with_memory(
         cfg: &VmConfig,
         session: &Session,
         mem: Option<GuestMemoryMmap>,
+        placed: &[crate::device_manager::PciDeviceState],
         present: Option<&[u8]>,
     ) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
@@ -240,7 +246,9 @@ impl Vmm {
         let mut devices = DeviceManager::new(vm.clone(), mem.clone());
         devices.attach_legacy(run_state.clone(), cfg.debug_exit, cfg.pvpanic)?;
         devices.attach_serial(&mut events, &session.console, run_state.clone())?;
+        devices.place_pci_devices(placed);
         Self::choose_transports(&mut devices, cfg)?;
+        devices.subscribe_hotplug(&mut events)?;
         for disk in &cfg.disks {
             devices.attach_block(&mut events, disk)?;
         }
@@ -277,6 +285,7 @@ impl Vmm {
             mem,
             plan,
             migration: Default::default(),
+            detaches: Vec::new(),
         };
         let boot: Vec<u8> = (0..cfg.cpus.boot).collect();
         for &id in present.unwrap_or(&boot) {
@@ -361,7 +370,11 @@ impl Vmm {
         }
         let mut reports = 0;
         while !self.run_state.is_exiting() {
-            if let Err(e) = self.events.run() {
+            let ran = match self.hotplug_tick() {
+                Some(t) => self.events.run_with_timeout(t.as_millis() as i32),
+                None => self.events.run(),
+            };
+            if let Err(e) = ran {
                 self.run_state
                     .request_exit(Outcome::Crash(format!("event loop failed: {e:?}")));
             }
@@ -372,6 +385,7 @@ impl Vmm {
             self.reap_ejected();
             self.serve_api(session);
             self.serve_migration(session);
+            self.serve_hotplug(session);
         }
         self.stop_vcpus();
         let outcome = self

@@ -109,7 +109,13 @@ impl Vmm {
     ) -> Result<Self, VmmError> {
         let invalid = |e: SnapshotError| VmmError::Snapshot(Box::new(e));
         let present = state.present_cpus();
-        let mut vmm = Self::build_with_memory(&state.config, session, Some(mem), Some(&present))?;
+        let mut vmm = Self::build_with_memory(
+            &state.config,
+            session,
+            Some(mem),
+            &state.devices.pci,
+            Some(&present),
+        )?;
         vstate::restore_vm(&vmm.vm, &state.vm).map_err(|e| invalid(e.into()))?;
         for (v, s) in vmm.vcpus.iter().zip(&state.vcpus) {
             v.restore_state(s).map_err(|e| invalid(e.into()))?;

@@ -33,6 +33,11 @@ pub mod ports {
     pub const GPE0_BLK: u16 = 0x620;
     /// Bytes of GPE0_BLK.
     pub const GPE0_BLK_LEN: u8 = 4;
+    /// The PCI hotplug controller (`PCIU`, `PCID`, `PCEJ`: 32 bits each, bit n for slot n),
+    /// when the VM has a PCI host.
+    pub const PCI_HOTPLUG: u16 = 0xae00;
+    /// Bytes of the PCI hotplug controller.
+    pub const PCI_HOTPLUG_LEN: u16 = 12;
     /// First port of the block.
     pub const BASE: u16 = PM1A_EVT;
     /// Number of ports in the block: PM1, the reset register and GPE0 (0x600-0x623).
@@ -230,10 +235,8 @@ fn pci_devices(p: &PciHost) -> Result<Vec<Term>, AcpiError> {
         Term::name("_UID", Expr::Int(0)),
         Term::name("_BBN", Expr::Int(0)),
         Term::name("_CRS", Expr::ResourceTemplate(crs)),
-        // The PCI hotplug scan `\_GPE._E01` calls (slots and their notifications come with
-        // the hotplug controller).
-        Term::method("PCNT", 0, vec![]),
     ];
+    let root = [root, hotplug_terms()].concat();
     let reserved = isa_device(
         Expr::eisa_id("PNP0C02"),
         Some(0),
@@ -247,6 +250,67 @@ fn pci_devices(p: &PciHost) -> Result<Vec<Term>, AcpiError> {
         Term::device("PCI0", root),
         Term::device("PRES", reserved),
     ])
+}
+
+/// Hotpluggable slots 1-31 of the root bus.
+const HOTPLUG_SLOTS: std::ops::Range<u8> = 1..32;
+
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:02X}")
+}
+
+/// What `PCI0` holds for ACPI PCI hotplug: the controller's registers, the scan `PCNT` that
+/// `\_GPE._E01` runs (it notifies each slot the VMM filled with a device check and each
+/// slot it wants back with an eject request), and a device per slot with its address, its
+/// slot number and `_EJ0`, which tells the controller the guest let the slot go.
+fn hotplug_terms() -> Vec<Term> {
+    use aml::{AccessType, BinaryOp, FieldEntry, RegionSpace, Target, UpdateRule};
+    let mut terms = vec![
+        Term::OpRegion {
+            name: "PCST".into(),
+            space: RegionSpace::SystemIo,
+            offset: Expr::Int(ports::PCI_HOTPLUG.into()),
+            len: Expr::Int(ports::PCI_HOTPLUG_LEN.into()),
+        },
+        Term::Field {
+            region: "PCST".into(),
+            access: AccessType::DWord,
+            lock: false,
+            update: UpdateRule::WriteAsZeros,
+            entries: ["PCIU", "PCID", "PCEJ"]
+                .map(|n| FieldEntry::Named(n.into(), 32))
+                .to_vec(),
+        },
+    ];
+    let mut scan = vec![
+        Term::store(Expr::path("PCIU"), Target::Local(0)),
+        Term::store(Expr::path("PCID"), Target::Local(1)),
+    ];
+    for slot in HOTPLUG_SLOTS {
+        for (local, event) in [(0, 1), (1, 3)] {
+            let mask = Expr::Int(1 << slot);
+            scan.push(Term::if_then(
+                Expr::binary(BinaryOp::And, Expr::Local(local), mask, Target::Null),
+                vec![Term::Notify(
+                    Target::Path(slot_name(slot)),
+                    Expr::Int(event),
+                )],
+            ));
+        }
+    }
+    terms.push(Term::method("PCNT", 0, scan));
+    for slot in HOTPLUG_SLOTS {
+        let eject = Term::store(Expr::Int(1 << slot), Target::Path("PCEJ".into()));
+        terms.push(Term::device(
+            &slot_name(slot),
+            vec![
+                Term::name("_ADR", Expr::Int(u64::from(slot) << 16)),
+                Term::name("_SUN", Expr::Int(slot.into())),
+                Term::method("_EJ0", 1, vec![eject]),
+            ],
+        ));
+    }
+    terms
 }
 
 /// MCFG: one ECAM allocation, segment 0, bus 0.
@@ -822,6 +886,40 @@ mod tests {
         });
         assert!(names.contains(&"\\_GPE._E01".to_string()), "{names:?}");
         assert!(names.contains(&"\\_SB_.PCI0.PCNT".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn pci_root_has_31_ejectable_slots_and_the_hotplug_registers() {
+        let names = dsdt_names(&AcpiOptions {
+            pci: Some(PCI),
+            ..Default::default()
+        });
+        for n in [
+            "PCST",
+            "PCIU",
+            "PCID",
+            "PCEJ",
+            "S01_._ADR",
+            "S1F_._SUN",
+            "S1F_._EJ0",
+        ] {
+            assert!(
+                names.contains(&format!("\\_SB_.PCI0.{n}")),
+                "{n}: {names:?}"
+            );
+        }
+        let slots = names.iter().filter(|n| n.ends_with("._EJ0")).count();
+        assert_eq!(slots, 31);
+        let t = dsdt(&AcpiOptions {
+            pci: Some(PCI),
+            ..Default::default()
+        })
+        .unwrap();
+        // OperationRegion (PCST, SystemIO, 0xAE00, 0x0C)
+        let region = [
+            0x5b, 0x80, b'P', b'C', b'S', b'T', 0x01, 0x0b, 0x00, 0xae, 0x0a, 0x0c,
+        ];
+        assert!(t.windows(region.len()).any(|w| w == region));
     }
 
     #[test]

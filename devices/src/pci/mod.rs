@@ -9,10 +9,12 @@
 //! (the ACPI hotplug controller's slots).
 
 pub mod config;
+pub mod hotplug;
 pub mod msix;
 pub mod root;
 
 pub use config::{BarKind, BarRegion, PciConfig, PciIds};
+pub use hotplug::PciHotplug;
 pub use root::{BarWindow, PciConfigIo, PciEcam, PciRoot};
 
 /// The vendor ID of virtio devices.

@@ -96,6 +96,11 @@ impl PciRoot {
         (1..SLOTS).find(|s| inner.slots[usize::from(*s)].is_none())
     }
 
+    /// Whether `slot` is a device slot with nothing in it.
+    pub fn is_free(&self, slot: u8) -> bool {
+        (1..SLOTS).contains(&slot) && self.lock().slots[usize::from(slot)].is_none()
+    }
+
     /// Puts `device` in `slot`; its BARs are followed through `mapper` (told at once of
     /// any BAR that already decodes).
     pub fn add_device(

@@ -52,6 +52,25 @@ impl BarAllocator {
         Some(at)
     }
 
+    /// Takes `[base, base + len)` (a power of two, aligned to it, inside the window and
+    /// free): where a restored device's BAR was placed.
+    pub fn alloc_at(&mut self, base: u64, len: u64) -> Option<u64> {
+        let end = base.checked_add(len)?;
+        if !len.is_power_of_two()
+            || !base.is_multiple_of(len)
+            || base < self.start
+            || end > self.end
+        {
+            return None;
+        }
+        let below = self.used.range(..end).next_back();
+        if below.is_some_and(|(b, l)| b + l > base) {
+            return None;
+        }
+        self.used.insert(base, len);
+        Some(base)
+    }
+
     /// Takes back the range allocated at `base`.
     pub fn free(&mut self, base: u64) {
         self.used.remove(&base);
@@ -193,6 +212,26 @@ mod tests {
         assert_eq!(a.alloc(0x8000), Some(0x8000), "the freed range");
         assert_eq!(a.alloc(0x3000), None, "not a power of two");
         assert_eq!(a.alloc(0x20_0000), None, "larger than the window");
+    }
+
+    #[test]
+    fn alloc_at_takes_a_free_aligned_range_inside_the_window_only() {
+        let mut a = BarAllocator::new(0x1_0000, 0x10_0000);
+        assert_eq!(a.alloc_at(0x2_0000, 0x8000), Some(0x2_0000));
+        for (base, len) in [
+            (0x2_0000, 0x8000),          // taken
+            (0x1_c000, 0x8000),          // misaligned
+            (0x1_8000, 0x10000),         // overlaps the taken one from below
+            (0x8000, 0x8000),            // below the window
+            (0x11_0000, 0x8000),         // past it
+            (0x3_0000, 0x3000),          // not a power of two
+            (u64::MAX - 0x7fff, 0x8000), // wraps
+        ] {
+            assert_eq!(a.alloc_at(base, len), None, "{base:#x}+{len:#x}");
+        }
+        assert_eq!(a.alloc(0x8000), Some(0x1_0000), "alloc works around it");
+        assert_eq!(a.alloc(0x8000), Some(0x1_8000));
+        assert_eq!(a.alloc(0x8000), Some(0x2_8000));
     }
 
     #[test]
