@@ -18,10 +18,16 @@ inside /dev/kvm ioctls (KVM_SET_USER_MEMORY_REGION, KVM_SET_* state) is Ember's 
 own cost per traced call is included, so this is an upper bound).
 
 Also: snapshot creation time (PUT /snapshot/create, the VM paused) and sizes (state file;
-memory file apparent and allocated). `ember img snapshot` vs `qemu-img snapshot` on a 1 GiB
+memory file apparent and allocated).
+
+Diff snapshots: the tiny kernel in `count dirty=16` mode (16 KiB, 4 pages, stored per 100 ms
+tick) with dirty-page tracking on (`ember run --track-dirty-pages`, Firecracker's
+`track_dirty_pages`); after tick 3 a Full snapshot, then DIFF_TICKS ticks on, then a Diff
+snapshot, each timed (PUT /snapshot/create, VM paused) and sized; and `ember snapshot-rebase`
+of the diff onto the full base, timed. (`--no-diff` leaves this out.) `ember img snapshot` vs `qemu-img snapshot` on a 1 GiB
 image is benches/disk.sh's snapshot table (run with --img to print it here too).
 
-usage: benches/state.sh [--runs N] [--firecracker PATH] [--img]
+usage: benches/state.sh [--runs N] [--firecracker PATH] [--img] [--no-diff | --only-diff]
 """
 
 import argparse
@@ -176,6 +182,116 @@ def create_firecracker(work, kernel, mib, snap):
     return took, sizes(snap, snap + ".mem")
 
 
+DIFF_CMDLINE = "count dirty=16"
+DIFF_TICKS = 5
+
+
+def timed_create(sock, snap, kind):
+    """PUT /snapshot/create of `kind` to `snap` and `snap`.mem, the VM paused; seconds."""
+    t = time.monotonic()
+    must(sock, "PUT", "/snapshot/create",
+         {"snapshot_path": snap, "mem_file_path": snap + ".mem", "snapshot_type": kind})
+    return time.monotonic() - t
+
+
+def full_then_diff(p, sock, snap):
+    """After tick 3: pause, Full, resume; DIFF_TICKS ticks on: pause, Diff. (full seconds,
+    diff seconds); the files are `snap`-full(.mem) and `snap`-diff(.mem)."""
+    read_until(p, b"tick 3\n", time.monotonic())
+    must(sock, "PATCH", "/vm", {"state": "Paused"})
+    full = timed_create(sock, snap + "-full", "Full")
+    must(sock, "PATCH", "/vm", {"state": "Resumed"})
+    read_until(p, f"tick {3 + DIFF_TICKS}\n".encode(), time.monotonic())
+    must(sock, "PATCH", "/vm", {"state": "Paused"})
+    diff = timed_create(sock, snap + "-diff", "Diff")
+    return full, diff
+
+
+def diff_ember(work, kernel, mib, snap):
+    """(full s, diff s, rebase s, full sizes, diff sizes) under ember."""
+    sock = os.path.join(work, "diff.sock")
+    env = ember_env(work)
+    p = spawn([EMBER, "run", "--kernel", kernel, "--memory", f"{mib}M", "--cmdline",
+               DIFF_CMDLINE, "--name", "bench-diff", "--api-sock", sock, "--serial", "stdio",
+               "--track-dirty-pages"], env)
+    try:
+        full, diff = full_then_diff(p, sock, snap)
+    finally:
+        stop(p)
+    f_sizes = sizes(snap + "-full", snap + "-full.mem")
+    d_sizes = sizes(snap + "-diff", snap + "-diff.mem")
+    t = time.monotonic()
+    subprocess.run([EMBER, "snapshot-rebase", "--base-file", snap + "-full.mem", "--diff-file",
+                    snap + "-diff.mem"], env=env, check=True, stdout=subprocess.DEVNULL)
+    rebase = time.monotonic() - t
+    return full, diff, rebase, f_sizes, d_sizes
+
+
+def diff_firecracker(work, kernel, mib, snap):
+    """(full s, diff s, full sizes, diff sizes) under Firecracker."""
+    sock = os.path.join(work, "fc-diff.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    p = spawn([FIRECRACKER, "--api-sock", sock, "--level", "Error"])
+    try:
+        wait_sock(sock, p)
+        must(sock, "PUT", "/boot-source", {"kernel_image_path": kernel,
+                                           "boot_args": DIFF_CMDLINE})
+        must(sock, "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": mib,
+                                              "track_dirty_pages": True})
+        must(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
+        full, diff = full_then_diff(p, sock, snap)
+    finally:
+        stop(p)
+        if os.path.exists(sock):
+            os.unlink(sock)
+    return (full, diff, sizes(snap + "-full", snap + "-full.mem"),
+            sizes(snap + "-diff", snap + "-diff.mem"))
+
+
+def diff_rows(work, kernel, runs):
+    rows = []
+    for mib in SIZES:
+        r = {k: [] for k in ("e_full", "e_diff", "e_rebase", "f_full", "f_diff")}
+        e_snap, f_snap = (os.path.join(work, f"diff-{v}-{mib}") for v in ("e", "f"))
+        for _ in range(runs):
+            full, diff, rebase, e_fs, e_ds = diff_ember(work, kernel, mib, e_snap)
+            r["e_full"].append(full)
+            r["e_diff"].append(diff)
+            r["e_rebase"].append(rebase)
+            full, diff, f_fs, f_ds = diff_firecracker(work, kernel, mib, f_snap)
+            r["f_full"].append(full)
+            r["f_diff"].append(diff)
+        rows.append((mib, r, (e_fs, e_ds), (f_fs, f_ds)))
+    return rows
+
+
+def fmt_best(xs):
+    """The median and, in brackets, the best: on a busy host the best is the VMM's own cost."""
+    return f"{statistics.median(xs) * 1000:.1f} ({min(xs) * 1000:.1f})"
+
+
+def report_diff(rows, runs):
+    print(f"== Diff snapshots: tiny kernel `{DIFF_CMDLINE}` (4 pages a tick), dirty-page "
+          f"tracking on; Full after tick 3, Diff {DIFF_TICKS} ticks later; median (best) of "
+          f"{runs}")
+    print(f"{'guest RAM':10s} {'':24s} {'ember':>15s} {'firecracker':>15s}")
+    for mib, r, (e_fs, e_ds), (f_fs, f_ds) in rows:
+        ram = f"{mib} MiB"
+        print(f"{ram:10s} {'Full create ms':24s} {fmt_best(r['e_full']):>15s} "
+              f"{fmt_best(r['f_full']):>15s}")
+        print(f"{'':10s} {'Diff create ms':24s} {fmt_best(r['e_diff']):>15s} "
+              f"{fmt_best(r['f_diff']):>15s}")
+        print(f"{'':10s} {'snapshot-rebase ms':24s} {fmt_best(r['e_rebase']):>15s} "
+              f"{'-':>15s}")
+        print(f"{'':10s} {'Full memory alloc. KiB':24s} {e_fs[2] / 1024:15.0f} "
+              f"{f_fs[2] / 1024:15.0f}")
+        print(f"{'':10s} {'Diff memory alloc. KiB':24s} {e_ds[2] / 1024:15.0f} "
+              f"{f_ds[2] / 1024:15.0f}")
+        print(f"{'':10s} {'Diff memory file MiB':24s} {e_ds[1] / 2**20:15.0f} "
+              f"{f_ds[1] / 2**20:15.0f}")
+
+
 def restore_cli(work, snap):
     """`ember run --restore`: exec to the echo of the probe byte."""
     start = time.monotonic()
@@ -270,6 +386,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--firecracker", default=FIRECRACKER)
     ap.add_argument("--img", action="store_true", help="also benches/disk.sh's snapshot table")
+    ap.add_argument("--no-diff", action="store_true", help="leave out the Diff snapshot table")
+    ap.add_argument("--only-diff", action="store_true", help="only the Diff snapshot table")
     args = ap.parse_args()
     FIRECRACKER = args.firecracker
     if not os.access(FIRECRACKER, os.X_OK):
@@ -279,8 +397,10 @@ def main():
         kernel = os.path.join(work, "tiny.elf")
         subprocess.run(["cargo", "run", "--release", "-q", "--example", "tiny_kernel", "--",
                         "write", kernel], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        if not args.no_diff:
+            diff_table = diff_rows(work, kernel, args.runs)
         rows = []
-        for mib in SIZES:
+        for mib in SIZES if not args.only_diff else ():
             res = {k: [] for k in ("e_create", "e_save", "f_create", "e_cli", "e_api",
                                    "f_api", "own", "kvm")}
             e_snap, f_snap = (os.path.join(work, f"{v}-{mib}.snap") for v in ("e", "f"))
@@ -297,7 +417,10 @@ def main():
                 res["own"].append(window - kvm)
                 res["kvm"].append(kvm)
             rows.append((mib, res, e_sizes, f_sizes))
-        report(rows, args.runs)
+        if rows:
+            report(rows, args.runs)
+        if not args.no_diff:
+            report_diff(diff_table, args.runs)
     if args.img:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import disk

@@ -11,6 +11,7 @@ pub mod config;
 pub mod console;
 pub mod definitions;
 pub mod device_manager;
+pub mod dirty;
 pub mod host;
 pub mod img;
 pub mod jail;

@@ -87,6 +87,9 @@ enum Command {
     /// Delete a snapshot
     #[command(name = "snapshot-delete")]
     SnapshotDelete(snapshots::SnapArgs),
+    /// Merge a Diff snapshot's memory file onto its base (Firecracker's rebase-snap)
+    #[command(name = "snapshot-rebase")]
+    SnapshotRebase(snapshots::RebaseArgs),
     /// Move a running VM to an 'ember run --incoming' on this or another host
     Migrate(migrate::MigrateArgs),
     /// Show a VM's migration job (progress, or how the last one ended)
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
         Command::SnapshotInfo(a) => snapshots::info(a),
         Command::SnapshotRevert(a) => snapshots::revert(a),
         Command::SnapshotDelete(a) => snapshots::delete(a),
+        Command::SnapshotRebase(a) => snapshots::rebase(a),
         Command::Migrate(a) => migrate::migrate(a),
         Command::Domjobinfo(a) => migrate::domjobinfo(a),
         Command::Domjobabort(a) => migrate::domjobabort(a),

@@ -108,6 +108,8 @@ pub struct RestoreSpec {
     pub nets: Vec<crate::config::NetConfig>,
     /// Other images for disks, by disk id (a per-run overlay, a clone's copy).
     pub disks: Vec<crate::config::DiskConfig>,
+    /// Track dirty pages (for Diff snapshots); a snapshot does not keep it.
+    pub track_dirty_pages: bool,
 }
 
 /// How the VM starts.
@@ -355,6 +357,7 @@ fn restore_vmm(
         crate::snapshot::format::read_file(&spec.state).map_err(|e| load(e.into()))?;
     state.config.name = session.name.clone();
     state.config.serial = serial.clone();
+    state.config.track_dirty_pages = spec.track_dirty_pages;
     for n in &spec.nets {
         let Some(slot) = state.config.nets.iter_mut().find(|x| x.id == n.id) else {
             return Err(load(crate::snapshot::SnapshotError::Invalid(format!(
@@ -390,6 +393,7 @@ fn run_vm(
     mut on_ready: Option<OnReady>,
 ) -> Result<Outcome, SessionError> {
     let mut cfg = cfg.clone();
+    let mut rebuilt = false;
     loop {
         let outcome = {
             let mut vmm = match first.take() {
@@ -400,6 +404,11 @@ fn run_vm(
                     v
                 }
             };
+            if rebuilt {
+                // Its memory is not what the last snapshot of this process holds.
+                vmm.mark_all_dirty();
+            }
+            rebuilt = true;
             if let Some(ready) = on_ready.take() {
                 ready(session);
             }
@@ -597,6 +606,7 @@ fn snapshot_load(pending: &PendingVm, l: &fc::SnapshotLoad) -> Result<RestoreSpe
         paused: Some(!l.resume_vm),
         nets,
         disks: Vec::new(),
+        track_dirty_pages: l.track_dirty_pages || l.enable_diff_snapshots,
     })
 }
 
@@ -618,6 +628,7 @@ fn revert(session: &Session, snap: &str, cfg: &VmConfig) -> Result<(Vmm, VmConfi
         paused: None,
         nets: cfg.nets.clone(),
         disks: Vec::new(),
+        track_dirty_pages: cfg.track_dirty_pages,
     };
     restore_vmm(session, &spec, &cfg.serial)
 }

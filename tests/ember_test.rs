@@ -575,7 +575,7 @@ fn kunit_results_become_junit_with_kunit_py_counts() {
             r#"
 [boot]
 kernel = "{}"
-cmdline = "console=ttyS0 tsc=reliable no_timer_check kunit.shutdown=poweroff"
+cmdline = "console=ttyS0 tsc=reliable no_timer_check kunit_shutdown=poweroff"
 memory = "64M"
 timeout = "2400s"
 

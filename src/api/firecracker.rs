@@ -516,6 +516,7 @@ impl PendingVm {
             max: self.machine.vcpu_count,
         };
         c.memory = Size((self.machine.mem_size_mib as u64) << 20);
+        c.track_dirty_pages = self.machine.track_dirty_pages;
         c.serial = config::SerialMode::Stdio;
         for d in &self.drives {
             c.disks.push(DiskConfig {
@@ -608,6 +609,7 @@ pub fn machine_of(c: &VmConfig) -> MachineConfig {
     MachineConfig {
         vcpu_count: c.cpus.boot,
         mem_size_mib: (c.memory.0 >> 20) as usize,
+        track_dirty_pages: c.track_dirty_pages,
         ..MachineConfig::default()
     }
 }
@@ -711,6 +713,18 @@ mod tests {
         assert_eq!(c.root.as_deref(), Some("/dev/vda"));
         assert_eq!(c.disks[0].id(), "rootfs");
         assert_eq!(c.cmdline, "console=ttyS0 reboot=k");
+        assert!(!c.track_dirty_pages);
+        p.patch_machine(MachineConfigUpdate {
+            track_dirty_pages: Some(true),
+            ..MachineConfigUpdate::default()
+        })
+        .unwrap();
+        let c = p.to_vm_config("vm1").unwrap();
+        assert!(c.track_dirty_pages, "PATCH /machine-config reaches the VM");
+        assert!(
+            machine_of(&c).track_dirty_pages,
+            "and GET /machine-config shows it"
+        );
     }
 
     #[test]

@@ -124,6 +124,15 @@ pub struct RunArgs {
     /// With --restore: start with the vCPUs paused
     #[arg(long, requires = "restore")]
     pub paused: bool,
+    /// With --restore: the memory file (default FILE.mem), e.g. a base a Diff snapshot was
+    /// merged onto with 'ember snapshot-rebase'
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    pub mem_file: Option<PathBuf>,
+    /// Track the pages the guest writes, so the API's /snapshot/create can take Diff
+    /// snapshots (Firecracker's track_dirty_pages), with --kernel, --config-file or
+    /// --restore (a snapshot does not keep it, as in Firecracker)
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// Wait for the VM to come from another Ember by migration ('ember migrate'), listening
     /// on tcp:ADDR:PORT [qemu: -incoming]; --name, --serial, --net and --disk (matched by
     /// id, else by position) replace the source's, and --cpu-features hides features this
@@ -230,6 +239,7 @@ impl RunArgs {
             .map(|n| NetConfig::parse(n))
             .collect::<Result<_, _>>()?;
         c.root = self.root.clone();
+        c.track_dirty_pages = self.track_dirty_pages;
         if let Some(t) = &self.transport {
             c.transport = match t.as_str() {
                 "mmio" => config::Transport::Mmio,
@@ -254,8 +264,17 @@ impl RunArgs {
     /// What `--restore` asks for, with the NIC overrides.
     fn restore_spec(&self, state: &std::path::Path) -> Result<RestoreSpec, ConfigError> {
         config::check_readable_file("--restore", state)?;
-        let memory = crate::snapshot::memory_path_for(state);
-        config::check_readable_file("--restore (memory file)", &memory)?;
+        let memory = match &self.mem_file {
+            Some(m) => {
+                config::check_readable_file("--mem-file", m)?;
+                m.clone()
+            }
+            None => {
+                let m = crate::snapshot::memory_path_for(state);
+                config::check_readable_file("--restore (memory file)", &m)?;
+                m
+            }
+        };
         let (nets, disks) = self.device_overrides()?;
         Ok(RestoreSpec {
             state: state.to_path_buf(),
@@ -263,6 +282,7 @@ impl RunArgs {
             paused: self.paused.then_some(true),
             nets,
             disks,
+            track_dirty_pages: self.track_dirty_pages,
         })
     }
 
@@ -361,12 +381,28 @@ impl RunArgs {
                 "without --kernel or --config-file nothing could configure the VM",
             ));
         }
+        if self.track_dirty_pages
+            && self.kernel.is_none()
+            && self.config_file.is_none()
+            && self.restore.is_none()
+        {
+            return Err(ConfigError::new(
+                "--track-dirty-pages",
+                "goes with --kernel, --config-file or --restore; through the API say it there \
+                 (PUT /machine-config track_dirty_pages, /snapshot/load enable_diff_snapshots); \
+                 a migrated VM tracks as its source did",
+            ));
+        }
         let config = match &self.kernel {
             Some(k) => Some(self.vm_config(&name, k.clone())?),
             None => None,
         };
         let pending = match &self.config_file {
-            Some(f) => Some(read_config_file(f)?),
+            Some(f) => {
+                let mut p = read_config_file(f)?;
+                p.machine.track_dirty_pages |= self.track_dirty_pages;
+                Some(p)
+            }
             None => None,
         };
         let restore = match &self.restore {

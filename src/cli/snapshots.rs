@@ -210,3 +210,39 @@ pub fn delete(a: SnapArgs) -> ExitCode {
         Ok(())
     })())
 }
+
+/// `ember snapshot-rebase`.
+#[derive(Args, Debug)]
+pub struct RebaseArgs {
+    /// The base memory file (a Full snapshot's, or a base earlier diffs were merged onto);
+    /// changed in place
+    #[arg(long, value_name = "FILE")]
+    pub base_file: std::path::PathBuf,
+    /// The Diff snapshot's memory file, taken after the base's snapshot
+    #[arg(long, value_name = "FILE")]
+    pub diff_file: std::path::PathBuf,
+}
+
+/// `ember snapshot-rebase --base-file BASE --diff-file DIFF`: merges a Diff snapshot's memory
+/// onto its base (Firecracker's `rebase-snap`); the base then loads with the diff's state.
+pub fn rebase(a: RebaseArgs) -> ExitCode {
+    use crate::snapshot::rebase::{self, RebaseError};
+    let r = match rebase::rebase(&a.base_file, &a.diff_file) {
+        Ok(m) => {
+            outln!(
+                "{}: merged {} ({} KiB in {} extents)",
+                a.base_file.display(),
+                a.diff_file.display(),
+                m.bytes >> 10,
+                m.extents
+            );
+            Ok(())
+        }
+        Err(e @ RebaseError::Mismatch(_)) => Err(Failure::usage(e.to_string())),
+        Err(e @ RebaseError::Io { op, .. }) if op.starts_with("cannot open") => {
+            Err(Failure::usage(crate::error_chain(&e)))
+        }
+        Err(e) => Err(Failure::failed(crate::error_chain(&e))),
+    };
+    finish(r)
+}

@@ -452,6 +452,9 @@ pub struct RestoreArgs {
     /// Leave its vCPUs paused
     #[arg(long)]
     pub paused: bool,
+    /// Track dirty pages for Diff snapshots (as 'ember run --restore --track-dirty-pages')
+    #[arg(long)]
+    pub track_dirty_pages: bool,
 }
 
 /// `ember save NAME FILE`: the VM is written to FILE and ends.
@@ -518,6 +521,9 @@ pub fn restore(a: RestoreArgs) -> ExitCode {
     ];
     if a.paused {
         args.push("--paused".into());
+    }
+    if a.track_dirty_pages {
+        args.push("--track-dirty-pages".into());
     }
     super::detach::spawn_detached(&args)
 }

@@ -468,6 +468,10 @@ pub struct VmConfig {
     /// The memory balloon (attached after the disks and NICs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// Dirty-page tracking from the start, for Diff snapshots (Firecracker's
+    /// `track_dirty_pages`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub track_dirty_pages: bool,
 }
 
 /// Checks that `path` (given with `option`) is a readable, non-empty regular file.
@@ -510,6 +514,7 @@ impl VmConfig {
             nets: Vec::new(),
             transport: Transport::default(),
             balloon: None,
+            track_dirty_pages: false,
         }
     }
 

@@ -274,3 +274,15 @@ fn the_balloon_round_trips_through_definitions_and_counts_as_a_device() {
         .push(DiskConfig::parse("path=a,id=balloon").unwrap());
     assert!(c.check().unwrap_err().message.contains("id=balloon"));
 }
+
+#[test]
+fn track_dirty_pages_is_a_definition_key_written_only_when_on() {
+    let c: VmConfig =
+        toml::from_str("name = \"x\"\nkernel = \"/k\"\ntrack_dirty_pages = true\n").unwrap();
+    assert!(c.track_dirty_pages);
+    assert!(toml::to_string(&c)
+        .unwrap()
+        .contains("track_dirty_pages = true"));
+    let off = VmConfig::new("x", "/k".into());
+    assert!(!toml::to_string(&off).unwrap().contains("track_dirty_pages"));
+}

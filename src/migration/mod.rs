@@ -25,7 +25,6 @@
 //! (HMAC-SHA256, no encryption). Plain TCP is for trusted networks only.
 
 pub mod compat;
-pub mod dirty;
 pub mod incoming;
 pub mod source;
 pub mod storage;
@@ -69,7 +68,7 @@ pub enum MigrationError {
     Refused(String),
     /// Dirty-page logging.
     #[error("dirty-page logging")]
-    Dirty(#[source] dirty::DirtyError),
+    Dirty(#[source] crate::dirty::DirtyError),
     /// A copied disk.
     #[error(transparent)]
     Storage(#[from] storage::StorageError),

@@ -13,14 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::GuestMemoryMmap;
-use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::dirty::{PageSet, Tracker};
 use super::storage::DiskSender;
 use super::wire::{self, AuthKey, Channel, Kind, Range, PAGE, PAGES_PER_MESSAGE};
 use super::{Endpoint, JobInfo, JobState, MigrateRequest, MigrationError, Offer};
+use crate::dirty::{DirtyLog, PageSet, Tracker};
 use crate::snapshot::SnapshotState;
 
 /// How long connecting may take.
@@ -64,8 +63,8 @@ pub struct Setup {
     pub key: Option<AuthKey>,
     /// The first message.
     pub offer: Offer,
-    /// The VM (for its dirty log).
-    pub vm: Arc<VmFd>,
+    /// The VM's dirty log.
+    pub dirty: Arc<DirtyLog>,
     /// Its memory.
     pub mem: GuestMemoryMmap,
     /// Disks whose data goes along.
@@ -251,8 +250,7 @@ fn precopy(
     ch: &mut Channel<TcpStream>,
     started: Instant,
 ) -> Result<Stopped, MigrationError> {
-    let tracker =
-        Tracker::start(setup.vm.clone(), setup.mem.clone()).map_err(MigrationError::Dirty)?;
+    let tracker = Tracker::start(&setup.dirty).map_err(MigrationError::Dirty)?;
     let live = setup.params.live;
     if !live {
         let (tx, rx) = mpsc::channel();

@@ -117,7 +117,8 @@ pub fn kvm_vm() -> Vec<c_ulong> {
     ]
 }
 
-/// KVM requests a live migration's source makes on the VM's fd: the dirty page bitmaps.
+/// KVM requests on the VM's fd for the dirty page bitmaps (a live migration's source, Diff
+/// snapshots and the dirty-page tracking they need).
 pub fn kvm_migration() -> Vec<c_ulong> {
     vec![KVM_GET_DIRTY_LOG()]
 }

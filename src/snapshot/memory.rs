@@ -15,10 +15,10 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
+use crate::dirty::{PageSet, PAGE};
+
 /// Bytes written per call.
 const CHUNK: usize = 1 << 20;
-/// Page size of the holes.
-const PAGE: usize = 4096;
 
 /// Where each region of guest memory is in the memory file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,37 +63,92 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Mem
     }
 }
 
-/// Writes every region of `mem` to a new `path`; returns the layout.
-pub fn dump(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegion>, MemoryFileError> {
+/// Where each region of `mem` goes in a memory file: one after the other.
+pub fn layout_of(mem: &GuestMemoryMmap) -> Vec<MemoryRegion> {
+    let mut offset = 0u64;
+    mem.iter()
+        .map(|region| {
+            let r = MemoryRegion {
+                guest: region.start_addr().0,
+                len: region.len(),
+                offset,
+            };
+            offset += region.len();
+            r
+        })
+        .collect()
+}
+
+/// The bytes of region `index` of `mem`.
+fn region_bytes<'m>(
+    mem: &'m GuestMemoryMmap,
+    index: usize,
+    path: &Path,
+) -> Result<&'m [u8], MemoryFileError> {
+    let no_mapping = || MemoryFileError::Mismatch {
+        path: path.display().to_string(),
+        what: "a region has no host mapping".into(),
+    };
+    let region = mem.iter().nth(index).ok_or_else(no_mapping)?;
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|_| no_mapping())?;
+    // SAFETY: [host, host + len) is this region's live mapping, owned by `mem`, which the
+    // returned slice borrows; the guest is paused, and concurrent device writes would only
+    // change bytes, never the mapping.
+    Ok(unsafe { std::slice::from_raw_parts(host as *const u8, region.len() as usize) })
+}
+
+/// Creates (or empties) `path`, sized for `layout`: all holes.
+fn create(path: &Path, layout: &[MemoryRegion]) -> Result<File, MemoryFileError> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
         .map_err(io_err(path, "cannot create"))?;
-    let mut layout = Vec::new();
-    let mut offset = 0u64;
-    for region in mem.iter() {
-        let len = region.len();
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|_| MemoryFileError::Mismatch {
-                path: path.display().to_string(),
-                what: "a region has no host mapping".into(),
-            })?;
-        // SAFETY: [host, host + len) is this region's live mapping, owned by `mem` for the
-        // duration of this call; the guest is paused, and concurrent device writes would only
-        // change bytes, never the mapping.
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) };
-        write_sparse(&f, bytes, offset).map_err(io_err(path, "cannot write"))?;
-        layout.push(MemoryRegion {
-            guest: region.start_addr().0,
-            len,
-            offset,
-        });
-        offset += len;
+    let total = layout.last().map_or(0, |r| r.offset + r.len);
+    f.set_len(total).map_err(io_err(path, "cannot size"))?;
+    Ok(f)
+}
+
+/// Writes every region of `mem` to a new `path`; returns the layout.
+pub fn dump(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegion>, MemoryFileError> {
+    let layout = layout_of(mem);
+    let f = create(path, &layout)?;
+    for (i, r) in layout.iter().enumerate() {
+        let bytes = region_bytes(mem, i, path)?;
+        write_sparse(&f, bytes, r.offset).map_err(io_err(path, "cannot write"))?;
     }
-    f.set_len(offset).map_err(io_err(path, "cannot size"))?;
+    f.sync_all().map_err(io_err(path, "cannot sync"))?;
+    Ok(layout)
+}
+
+/// Writes only `pages` of `mem` to a new `path` (a Diff snapshot's memory file): the file
+/// is as long as a full one and each page is at the same offset, every other page a hole.
+/// Each page of the set is written, zeroes too, so merging the file onto a base (copying
+/// its data extents, [`super::rebase`]) carries a page the guest cleared.
+pub fn dump_pages(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    pages: &PageSet,
+) -> Result<Vec<MemoryRegion>, MemoryFileError> {
+    let layout = layout_of(mem);
+    let f = create(path, &layout)?;
+    for (guest, count) in pages.runs(CHUNK / PAGE) {
+        let Some((i, r)) = layout
+            .iter()
+            .enumerate()
+            .find(|(_, r)| guest >= r.guest && guest - r.guest < r.len)
+        else {
+            continue;
+        };
+        let bytes = region_bytes(mem, i, path)?;
+        let start = (guest - r.guest) as usize;
+        let end = (start + count * PAGE).min(bytes.len());
+        f.write_all_at(&bytes[start..end], r.offset + start as u64)
+            .map_err(io_err(path, "cannot write"))?;
+    }
     f.sync_all().map_err(io_err(path, "cannot sync"))?;
     Ok(layout)
 }
@@ -225,6 +280,41 @@ mod tests {
         let again = map(&p, &layout, 32 << 20).unwrap();
         again.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
         assert_eq!(&buf, b"hello", "writes stay private");
+    }
+
+    #[test]
+    fn a_diff_holds_only_the_marked_pages_at_their_full_file_offsets() {
+        use std::os::unix::fs::MetadataExt;
+        let mem = crate::memory::create_guest_memory(32 << 20).unwrap();
+        mem.write_slice(&[0xaa; 4096], GuestAddress(0x5000))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (full, diff) = (dir.path().join("full"), dir.path().join("diff"));
+        let layout = dump(&mem, &full).unwrap();
+        let mut pages = PageSet::empty(&mem);
+        crate::dirty::take_vmm_dirty(&mem, &mut pages);
+        // After the full snapshot: one page rewritten, one cleared, a run of three.
+        mem.write_slice(&[0xbb; 4096], GuestAddress(0x5000))
+            .unwrap();
+        mem.write_slice(&[0; 4096], GuestAddress(0x9000)).unwrap();
+        mem.write_slice(&[0xcc; 3 * 4096], GuestAddress(20 << 20))
+            .unwrap();
+        let mut pages = PageSet::empty(&mem);
+        crate::dirty::take_vmm_dirty(&mem, &mut pages);
+        assert_eq!(dump_pages(&mem, &diff, &pages).unwrap(), layout);
+        let meta = std::fs::metadata(&diff).unwrap();
+        assert_eq!(meta.len(), 32 << 20, "as long as a full memory file");
+        assert_eq!(meta.blocks() * 512, 5 * 4096, "the five pages, no more");
+        let bytes = std::fs::read(&diff).unwrap();
+        assert!(bytes[0x5000..0x6000].iter().all(|b| *b == 0xbb));
+        assert!(bytes[(20 << 20)..(20 << 20) + 3 * 4096]
+            .iter()
+            .all(|b| *b == 0xcc));
+        // Merged onto the full one, it is what a full snapshot of memory now would be.
+        super::super::rebase::rebase(&full, &diff).unwrap();
+        let now = dir.path().join("now");
+        dump(&mem, &now).unwrap();
+        assert!(std::fs::read(&full).unwrap() == std::fs::read(&now).unwrap());
     }
 
     #[test]

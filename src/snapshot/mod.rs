@@ -9,6 +9,7 @@
 pub mod disks;
 pub mod format;
 pub mod memory;
+pub mod rebase;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -109,6 +110,9 @@ pub enum SnapshotError {
     /// A device refused its state.
     #[error("device state")]
     Device(#[from] devices::persist::StateError),
+    /// The dirty-page log cannot be read.
+    #[error("dirty-page tracking")]
+    Dirty(#[source] crate::dirty::DirtyError),
     /// The vCPUs could not be reached.
     #[error("{0}")]
     Vcpu(String),
@@ -169,27 +173,31 @@ impl SnapshotState {
             )));
         }
         self.check_present_cpus()?;
-        // Each device's state is on the list of its transport: virtio-mmio or PCI.
+        // A virtio device's transport state is in `virtio` (mmio) or `pci`.
         let devices = self.config.virtio_devices();
-        let states = self.devices.virtio.len() + self.devices.pci.len();
-        if states != devices {
+        let saved = self.devices.virtio.len() + self.devices.pci.len();
+        if saved != devices {
             return Err(SnapshotError::Invalid(format!(
-                "{states} virtio device states for {devices} devices"
+                "{saved} virtio device states for {devices} devices"
             )));
         }
         let ids: Vec<&str> = (self.config.disks.iter().map(|d| d.id()))
             .chain(self.config.nets.iter().map(|n| n.id()))
+            .chain(
+                self.config
+                    .balloon
+                    .as_ref()
+                    .map(|_| crate::config::BALLOON_ID),
+            )
             .collect();
-        let mmio = self.devices.virtio.iter().map(|v| v.id.as_str());
-        let pci = self.devices.pci.iter().map(|p| p.id.as_str());
-        let balloon = crate::config::BALLOON_ID;
-        if let Some(id) = mmio
-            .chain(pci)
-            .find(|id| !(ids.contains(id) || *id == balloon && self.config.balloon.is_some()))
-        {
-            return Err(SnapshotError::Invalid(format!(
-                "virtio device state {id} is for no disk or NIC of its configuration"
-            )));
+        let saved_ids = (self.devices.virtio.iter().map(|v| v.id.as_str()))
+            .chain(self.devices.pci.iter().map(|p| p.id.as_str()));
+        for id in saved_ids {
+            if !ids.contains(&id) {
+                return Err(SnapshotError::Invalid(format!(
+                    "virtio device state {id} is for no disk, NIC or balloon of its configuration"
+                )));
+            }
         }
         if self.devices.pvpanic.is_some() != self.config.pvpanic {
             return Err(SnapshotError::Invalid(

@@ -173,21 +173,29 @@ impl Vmm {
         }
     }
 
-    /// Firecracker's `/snapshot/create`: the VM must be paused, and stays so.
+    /// Firecracker's `/snapshot/create`: the VM must be paused, and stays so. A Diff needs
+    /// dirty-page tracking, and is refused before any file is touched without it.
     fn snapshot_create(&mut self, c: &fc::SnapshotCreate) -> Response {
         const PREFIX: &str = "Create snapshot error";
+        let diff = c.snapshot_type == fc::SnapshotType::Diff;
+        if diff && !self.tracks_dirty_pages() {
+            return api::bad_request(
+                "Diff snapshots are not allowed on uVMs with dirty page tracking disabled. \
+                 (Turn it on before boot: PUT /machine-config track_dirty_pages, ember run \
+                 --track-dirty-pages; or when loading: enable_diff_snapshots.)",
+            );
+        }
         if self.state != VmState::Paused {
             return api::bad_request(&format!(
                 "{PREFIX}: Cannot save the microVM state: Operation not allowed: save/restore \
                  unavailable while running"
             ));
         }
-        if c.snapshot_type == fc::SnapshotType::Diff {
-            return api::bad_request(&format!(
-                "{PREFIX}: Diff snapshots are not supported by this Ember; take a Full one"
-            ));
-        }
-        match self.snapshot_to(&c.snapshot_path, &c.mem_file_path, true) {
+        let written = match diff {
+            true => self.diff_snapshot_to(&c.snapshot_path, &c.mem_file_path, true),
+            false => self.snapshot_to(&c.snapshot_path, &c.mem_file_path, true),
+        };
+        match written {
             Ok(()) => Response::empty(204),
             Err(e) => api::bad_request(&format!("{PREFIX}: {}", crate::error_chain(&e))),
         }

@@ -111,7 +111,7 @@ impl Vmm {
             params: req.clone(),
             key,
             offer,
-            vm: self.vm.clone(),
+            dirty: self.dirty.clone(),
             mem: self.mem.clone(),
             disks,
         };

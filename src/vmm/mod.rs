@@ -26,6 +26,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, EventLoop};
+use crate::dirty::{DirtyLog, Tracker};
 use crate::memory::{self, MemoryError};
 use crate::run_state::{Outcome, RunState, VmState};
 use crate::session::Session;
@@ -90,6 +91,9 @@ pub enum VmmError {
     /// A snapshot cannot be used.
     #[error("cannot restore the snapshot")]
     Snapshot(#[source] Box<crate::snapshot::SnapshotError>),
+    /// Dirty-page tracking (`--track-dirty-pages`) cannot start.
+    #[error("dirty-page tracking")]
+    Dirty(#[source] crate::dirty::DirtyError),
 }
 
 impl VmmError {
@@ -110,7 +114,10 @@ impl VmmError {
             ) => true,
             VmmError::Boot(BootError::Loader(e)) => !matches!(e, LoaderError::Write(_)),
             // A state or memory file this VM cannot be built from is the file's fault.
-            VmmError::Snapshot(e) => !matches!(**e, crate::snapshot::SnapshotError::Vcpu(_)),
+            VmmError::Snapshot(e) => !matches!(
+                **e,
+                crate::snapshot::SnapshotError::Vcpu(_) | crate::snapshot::SnapshotError::Dirty(_)
+            ),
             _ => false,
         }
     }
@@ -158,6 +165,11 @@ pub struct Vmm {
     plan: cpuid::CpuidPlan,
     /// An outgoing migration, if one runs or ran.
     migration: migrate::Migration,
+    /// The pages written since the last snapshot, with `track_dirty_pages` (for Diff
+    /// snapshots). It holds the log, and the log the VM and its memory, as long as it lives.
+    snapshot_dirty: Option<Tracker>,
+    /// The VM's dirty-page log (Diff snapshots, live migration).
+    dirty: Arc<DirtyLog>,
     /// Detaches waiting for the guest.
     detaches: Vec<hotplug::PendingDetach>,
 }
@@ -233,6 +245,11 @@ impl Vmm {
             None => memory::create_guest_memory(cfg.memory.0)?,
         };
         memory::register_with_kvm(&vm, &mem)?;
+        let dirty = DirtyLog::new(vm.clone(), mem.clone());
+        let snapshot_dirty = match cfg.track_dirty_pages {
+            true => Some(Tracker::start(&dirty).map_err(VmmError::Dirty)?),
+            false => None,
+        };
 
         let run_state =
             Arc::new(RunState::new().map_err(|e| VmmError::Device(DeviceError::EventFd(e)))?);
@@ -285,6 +302,8 @@ impl Vmm {
             mem,
             plan,
             migration: Default::default(),
+            snapshot_dirty,
+            dirty,
             detaches: Vec::new(),
         };
         let boot: Vec<u8> = (0..cfg.cpus.boot).collect();

@@ -65,17 +65,83 @@ impl Vmm {
         })
     }
 
-    /// Writes a snapshot of this paused VM: the state to `state_path`, memory to `mem_path`.
+    /// Writes a snapshot of this paused VM: the state to `state_path`, all of memory to
+    /// `mem_path`. With dirty-page tracking on, the next Diff holds the pages written after.
     pub fn snapshot_to(
         &mut self,
         state_path: &Path,
         mem_path: &Path,
         user_paused: bool,
     ) -> Result<(), SnapshotError> {
+        self.write_snapshot(state_path, mem_path, user_paused, false)
+    }
+
+    /// Whether Diff snapshots can be taken (dirty-page tracking is on).
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.snapshot_dirty.is_some()
+    }
+
+    /// A Diff snapshot of this paused VM: the state to `state_path`, and to `mem_path` only
+    /// the pages written since the last snapshot (or since the VM was built or loaded), at
+    /// the offsets a full memory file has them, holes elsewhere.
+    pub fn diff_snapshot_to(
+        &mut self,
+        state_path: &Path,
+        mem_path: &Path,
+        user_paused: bool,
+    ) -> Result<(), SnapshotError> {
+        self.write_snapshot(state_path, mem_path, user_paused, true)
+    }
+
+    /// From now on, a Diff holds every page (a VM built again after a reset or revert in
+    /// this process: its memory is not what the last snapshot's base holds).
+    pub fn mark_all_dirty(&self) {
+        if let Some(t) = &self.snapshot_dirty {
+            t.mark_all();
+        }
+    }
+
+    /// Writes a Full or Diff snapshot. The dirty pages are taken first and given back if
+    /// the snapshot fails, so a failed snapshot loses none (Firecracker's transactional
+    /// diff snapshots).
+    fn write_snapshot(
+        &mut self,
+        state_path: &Path,
+        mem_path: &Path,
+        user_paused: bool,
+        diff: bool,
+    ) -> Result<(), SnapshotError> {
         if self.state != VmState::Paused {
             return Err(SnapshotError::Invalid("the VM must be paused".into()));
         }
-        let layout = snapshot::memory::dump(&self.mem, mem_path)?;
+        let pages = match &self.snapshot_dirty {
+            Some(t) => Some(t.take().map_err(SnapshotError::Dirty)?),
+            None if diff => {
+                return Err(SnapshotError::Invalid(
+                    "dirty-page tracking is off: Diff snapshots need it".into(),
+                ))
+            }
+            None => None,
+        };
+        let written = self.write_memory_and_state(state_path, mem_path, user_paused, diff, &pages);
+        if let (Err(_), Some(t), Some(p)) = (&written, &self.snapshot_dirty, &pages) {
+            t.put_back(p);
+        }
+        written
+    }
+
+    fn write_memory_and_state(
+        &mut self,
+        state_path: &Path,
+        mem_path: &Path,
+        user_paused: bool,
+        diff: bool,
+        pages: &Option<crate::dirty::PageSet>,
+    ) -> Result<(), SnapshotError> {
+        let layout = match pages {
+            Some(p) if diff => snapshot::memory::dump_pages(&self.mem, mem_path, p)?,
+            _ => snapshot::memory::dump(&self.mem, mem_path)?,
+        };
         let state = self.capture(user_paused, layout)?;
         snapshot::format::write_file(state_path, &state)?;
         Ok(())

@@ -131,6 +131,13 @@ impl PageDiscard for Madvise {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
+        // The pages changed (they read as zeroes now, or as a restored VM's memory file
+        // has them): marked, like any write of the VMM's, for dirty-page tracking (Diff
+        // snapshots, live migration).
+        if let Some(region) = mem.find_region(GuestAddress(range.addr)) {
+            let offset = range.addr - region.start_addr().raw_value();
+            vm_memory::bitmap::Bitmap::mark_dirty(&region.bitmap(), offset as usize, len);
+        }
         Ok(())
     }
 }

@@ -236,10 +236,23 @@ fn madvise_gives_inflated_pages_back_and_they_read_as_zero() {
     mem.write_obj((page >> PAGE_SHIFT) as u32, GuestAddress(DATA_AT))
         .unwrap();
     q0.chain(&[(DATA_AT, 4, false)]);
+    for r in vm_memory::GuestMemoryBackend::iter(&mem) {
+        let bitmap: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(r);
+        bitmap.reset();
+    }
 
     dev.process_queue(INFLATE);
 
     assert_eq!(mem.read_obj::<u64>(GuestAddress(page)).unwrap(), 0);
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+    let region = mem.find_region(GuestAddress(page)).unwrap();
+    let offset = (page - region.start_addr().raw_value()) as usize;
+    assert!(
+        region.bitmap().dirty_at(offset),
+        "a discarded page is marked dirty"
+    );
+    assert!(!region.bitmap().dirty_at(offset + PAGE_SIZE as usize));
     assert_eq!(
         mem.read_obj::<u64>(GuestAddress(page + PAGE_SIZE)).unwrap(),
         0x1234,
