@@ -5,7 +5,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ember::cli::{self, balloon, clone, defs, hotplug, jail, migrate, run, snapshots, verbs};
+use ember::cli::{
+    self, balloon, clone, defs, hotplug, jail, migrate, run, snapshots, vcpus, verbs,
+};
 
 #[derive(Parser)]
 #[command(name = "ember", version, about = "A small hypervisor on Linux KVM", long_about = None)]
@@ -44,6 +46,8 @@ enum Command {
     Domiflist(verbs::NameArg),
     /// Show a VM's vCPUs
     Vcpuinfo(verbs::NameArg),
+    /// Plug vCPUs into a running VM or take some out (ACPI CPU hotplug, up to --cpus max)
+    Setvcpus(vcpus::SetvcpusArgs),
     /// Show a VM's counters (vCPU exits, disk and NIC I/O)
     Domstats(verbs::NameArg),
     /// Set how much memory a VM's guest keeps (its balloon's target), up to its maximum
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
         Command::Domblklist(a) => verbs::domblklist(a),
         Command::Domiflist(a) => verbs::domiflist(a),
         Command::Vcpuinfo(a) => verbs::vcpuinfo(a),
+        Command::Setvcpus(a) => vcpus::setvcpus(a),
         Command::Domstats(a) => verbs::domstats(a),
         Command::Setmem(a) => balloon::setmem(a),
         Command::Setmaxmem(a) => balloon::setmaxmem(a),

@@ -558,6 +558,7 @@ fn preboot_answer(
         | ApiRequest::EmberSave(_)
         | ApiRequest::Migrate(_)
         | ApiRequest::MigrationAbort
+        | ApiRequest::SetVcpus(_)
         | ApiRequest::Hotplug(_)
         | ApiRequest::EmberAction(_) => api::bad_request(msg::BEFORE_START),
         ApiRequest::EmberInfo => Response::json(

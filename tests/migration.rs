@@ -376,6 +376,41 @@ fn migration_without_live_pauses_sends_all_and_resumes_there() {
     dst.stop();
 }
 
+/// The vCPU indexes `ember vcpuinfo NAME` lists.
+fn vcpu_ids(name: &str) -> Vec<u32> {
+    let out = ember().args(["vcpuinfo", name]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("VCPU:"))
+        .map(|v| v.trim().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn vcpus_plugged_at_run_time_migrate_with_the_vm() {
+    let b = bed("cpus");
+    let port = free_port();
+    let dst = b.dest(port, &[]);
+    let src = b.source_in(&[], "count", &["--cpus", "boot=1,max=3"]);
+    let out = ember().args(["setvcpus", &src.name, "3"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(vcpu_ids(&src.name), [0, 1, 2]);
+    let (code, out) = finished(migrate(&src, &format!("tcp:127.0.0.1:{port}"), &["--live"]));
+    assert_eq!(code, Some(0), "{out}");
+    let src_lines = src.serial.clone();
+    assert_eq!(src.wait().0, Some(0));
+    dst.serial
+        .wait_tick(src_lines.last_tick().unwrap() + 3, "destination");
+    assert_continuous(&src_lines, &dst.serial);
+    assert_eq!(
+        vcpu_ids(&dst.name),
+        [0, 1, 2],
+        "the plugged vCPUs came along"
+    );
+    dst.stop();
+}
+
 #[test]
 fn an_authenticated_migration_needs_the_same_key_on_both_sides() {
     let b = bed("auth");

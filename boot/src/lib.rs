@@ -45,8 +45,11 @@ pub struct BootSpec<'a> {
     pub initrd: Option<&'a mut File>,
     /// The kernel command line.
     pub cmdline: &'a str,
-    /// Number of vCPUs.
+    /// Number of vCPUs at boot.
     pub cpus: u8,
+    /// Most vCPUs the VM may have; above 1, the ACPI tables describe CPU hotplug
+    /// ([`x86_64::acpi::cpus`]).
+    pub max_cpus: u8,
     /// Whether the ACPI tables describe the pvpanic device.
     pub pvpanic: bool,
     /// The PCI host bridge the ACPI tables describe, when the VM has one.
@@ -72,10 +75,13 @@ pub fn configure_system(mem: &GuestMemoryMmap, spec: BootSpec) -> Result<BootSta
         None => None,
     };
     x86_64::mptable::setup_mptable(mem, spec.cpus)?;
-    let ioapic_id = x86_64::mptable::ioapic_id(spec.cpus);
+    let max_cpus = spec.max_cpus.max(spec.cpus);
+    // Clear of every APIC ID a CPU may have (the MP table's describes the boot CPUs only).
+    let ioapic_id = x86_64::mptable::ioapic_id(max_cpus);
     let acpi = x86_64::acpi::AcpiOptions {
         pvpanic: spec.pvpanic,
         pci: spec.pci,
+        cpu_hotplug: (max_cpus > 1).then_some(max_cpus),
         ..Default::default()
     };
     let rsdp = x86_64::acpi::setup_acpi_with(mem, spec.cpus, ioapic_id, &acpi)?;

@@ -114,6 +114,16 @@ pub enum ApiRequest {
     ReceiveMigration(crate::migration::ReceiveRequest),
     /// `PUT /ember/devices/{disk,net,detach}`: hotplug.
     Hotplug(hotplug::HotplugRequest),
+    /// `PUT /ember/vcpus`: plug vCPUs in or out (`virsh setvcpus`).
+    SetVcpus(SetVcpus),
+}
+
+/// `PUT /ember/vcpus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetVcpus {
+    /// How many vCPUs the VM should have (1 to its `--cpus max`).
+    pub count: u8,
 }
 
 /// `PUT /ember/snapshots`.
@@ -256,6 +266,7 @@ fn route_put(req: &Request, parts: &[&str], first: &str) -> Result<ApiRequest, R
         }
         "ember" if parts.get(1) == Some(&"actions") => Ok(ApiRequest::EmberAction(body(req)?)),
         "ember" if parts.get(1) == Some(&"save") => Ok(ApiRequest::EmberSave(body(req)?)),
+        "ember" if parts.get(1..) == Some(&["vcpus"]) => Ok(ApiRequest::SetVcpus(body(req)?)),
         "ember" if parts.get(1) == Some(&"devices") => hotplug::route(req, parts),
         "ember" if parts.get(1) == Some(&"migrate") => Ok(ApiRequest::Migrate(body(req)?)),
         "ember" if parts.get(1..) == Some(&["migration", "abort"]) => {
@@ -428,5 +439,13 @@ mod tests {
                 mode: ShutdownMode::CtrlAltDel
             }))
         );
+        assert_eq!(
+            route(&req("PUT", "/ember/vcpus", "{\"count\":2}")),
+            Ok(ApiRequest::SetVcpus(SetVcpus { count: 2 }))
+        );
+        for bad in ["{\"count\":-1}", "{\"count\":256}", "{\"cpus\":2}", "{}"] {
+            assert!(route(&req("PUT", "/ember/vcpus", bad)).is_err(), "{bad}");
+        }
+        assert!(route(&req("PUT", "/ember/vcpus/2", "{\"count\":2}")).is_err());
     }
 }

@@ -29,6 +29,7 @@ pub mod migrate;
 pub mod run;
 pub mod snapshots;
 pub mod test;
+pub mod vcpus;
 pub mod verbs;
 
 use std::process::ExitCode;

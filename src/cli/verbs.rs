@@ -371,7 +371,14 @@ pub fn vcpuinfo(a: NameArg) -> ExitCode {
         let vm = running(&a.name)?;
         let info = get(&a.name, "/ember/info")?;
         let vm_state = field(&info, "state").to_lowercase();
-        for (i, (idx, cpu, secs, st)) in vcpu_threads(vm.pid).into_iter().enumerate() {
+        // Unplugged vCPUs have no thread; a thread that is ending may linger a moment.
+        let present: Option<Vec<u64>> = info["present_vcpus"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect());
+        let threads = vcpu_threads(vm.pid)
+            .into_iter()
+            .filter(|t| present.as_ref().is_none_or(|p| p.contains(&u64::from(t.0))));
+        for (i, (idx, cpu, secs, st)) in threads.enumerate() {
             if i > 0 {
                 outln!();
             }

@@ -47,6 +47,8 @@ impl DeviceManager {
                 .collect(),
             balloon: self.balloon_state(),
             pci: self.save_pci_state(),
+            // The VMM fills it in: the controller is its part.
+            cpu_hotplug: None,
             pci_hotplug: self
                 .pci
                 .as_ref()

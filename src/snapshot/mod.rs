@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use devices::legacy::acpi_pm::AcpiPmState;
 use devices::legacy::cmos::CmosState;
+use devices::legacy::cpu_hotplug::CpuHotplugState;
 use devices::legacy::i8042::I8042State;
 use devices::legacy::pvpanic::PvPanicState;
 use devices::legacy::serial::SerialDeviceState;
@@ -62,6 +63,10 @@ pub struct DevicesState {
     /// virtio-pci devices in attach order (their placement and transport state).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pci: Vec<crate::device_manager::PciDeviceState>,
+    /// The CPU hotplug controller (a VM that may have more than one vCPU): which CPUs are
+    /// present, so which the saved vCPU states are for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_hotplug: Option<CpuHotplugState>,
     /// The PCI hotplug controller (slots announced or asked back), when the VM has a PCI
     /// bus (absent from older snapshots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +129,37 @@ pub fn memory_path_for(state: &Path) -> PathBuf {
 }
 
 impl SnapshotState {
+    /// The CPUs the vCPU states are for, ascending.
+    pub fn present_cpus(&self) -> Vec<u8> {
+        match &self.devices.cpu_hotplug {
+            Some(c) => c.present(),
+            None => (0..self.config.cpus.boot).collect(),
+        }
+    }
+
+    /// With a CPU hotplug controller: as many CPUs as the VM may have, one vCPU state per
+    /// present CPU.
+    fn check_present_cpus(&self) -> Result<(), SnapshotError> {
+        let Some(c) = &self.devices.cpu_hotplug else {
+            return Ok(());
+        };
+        let max = self.config.cpus.max;
+        if c.cpus.len() != usize::from(max) {
+            return Err(SnapshotError::Invalid(format!(
+                "CPU hotplug state for {} CPUs, the VM may have {max}",
+                c.cpus.len()
+            )));
+        }
+        let present = c.present().len();
+        if present != self.vcpus.len() {
+            return Err(SnapshotError::Invalid(format!(
+                "{} vCPU states for {present} present CPUs",
+                self.vcpus.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks what must hold before anything is built from this state.
     pub fn check(&self) -> Result<(), SnapshotError> {
         self.config
@@ -136,6 +172,7 @@ impl SnapshotState {
                 self.config.cpus.boot
             )));
         }
+        self.check_present_cpus()?;
         // A virtio device's transport state is in `virtio` (mmio) or `pci`.
         let devices = self.config.virtio_devices();
         let saved = self.devices.virtio.len() + self.devices.pci.len();

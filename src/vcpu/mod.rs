@@ -141,7 +141,7 @@ pub struct Vcpu {
 /// The VMM's side of a running vCPU thread.
 pub struct VcpuHandle {
     id: u8,
-    thread: JoinHandle<()>,
+    thread: JoinHandle<Vcpu>,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
     counters: Arc<ExitCounters>,
@@ -174,20 +174,7 @@ impl Vcpu {
         })?;
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
-        let entries = boot_msrs();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
-            id,
-            what: "building MSRs",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
-        let set = fd.set_msrs(&msrs).map_err(kvm_err(id, "KVM_SET_MSRS"))?;
-        if set != entries.len() {
-            return Err(VcpuError::Msrs {
-                id,
-                set,
-                want: entries.len(),
-            });
-        }
+        Self::set_boot_msrs(&fd, id)?;
         fd.set_fpu(&boot_fpu())
             .map_err(kvm_err(id, "KVM_SET_FPU"))?;
         Self::set_lint_pins(&fd, id)?;
@@ -206,6 +193,44 @@ impl Vcpu {
     /// The vCPU's index.
     pub fn id(&self) -> u8 {
         self.id
+    }
+
+    /// Makes an unplugged vCPU (its thread ended) like a new one again: boot MSRs, FPU,
+    /// LAPIC LINT pins, and waiting for INIT/SIPI, for the guest to start it as it starts any
+    /// hot-added CPU. Its CPUID stays (KVM refuses a different one once a vCPU ran).
+    pub fn reinit(&mut self) -> Result<(), VcpuError> {
+        let id = self.id;
+        Self::set_boot_msrs(&self.fd, id)?;
+        self.fd
+            .set_fpu(&boot_fpu())
+            .map_err(kvm_err(id, "KVM_SET_FPU"))?;
+        Self::set_lint_pins(&self.fd, id)?;
+        let wait_for_init = kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+        };
+        self.fd
+            .set_mp_state(wait_for_init)
+            .map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
+        self.last_exit = ("none", 0);
+        Ok(())
+    }
+
+    fn set_boot_msrs(fd: &VcpuFd, id: u8) -> Result<(), VcpuError> {
+        let entries = boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
+            id,
+            what: "building MSRs",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let set = fd.set_msrs(&msrs).map_err(kvm_err(id, "KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msrs {
+                id,
+                set,
+                want: entries.len(),
+            });
+        }
+        Ok(())
     }
 
     /// Reads the vCPU's state, after letting KVM finish an I/O exit in progress.
@@ -282,14 +307,21 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self, mut mode: RunMode, events: Receiver<VcpuEvent>, out: Sender<VcpuResponse>) {
+    /// The thread's body; gives the vCPU back when it ends (an unplugged vCPU is kept: KVM
+    /// cannot destroy one, and the next plug of that CPU reuses it).
+    fn run(
+        mut self,
+        mut mode: RunMode,
+        events: Receiver<VcpuEvent>,
+        out: Sender<VcpuResponse>,
+    ) -> Self {
         if let Err(e) =
             crate::seccomp::install(crate::seccomp::Role::Vcpu, &format!("vcpu {}", self.id))
         {
             self.state
                 .request_exit(Outcome::Crash(crate::error_chain(&e)));
             let _ = out.send(VcpuResponse::Exited);
-            return;
+            return self;
         }
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(flag));
@@ -308,6 +340,7 @@ impl Vcpu {
         }
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
         let _ = out.send(VcpuResponse::Exited);
+        self
     }
 
     /// Runs the guest until a kick (then handles the requests waiting) or a fatal exit.
@@ -460,6 +493,12 @@ impl VcpuHandle {
     /// Ends the thread: asks it to finish, waits up to `timeout` for it, and joins it.
     /// Returns false (leaving the thread behind) when it did not end in time.
     pub fn finish(self, timeout: Duration) -> bool {
+        self.take_back(timeout).is_some()
+    }
+
+    /// Ends the thread like [`Self::finish`] and returns the vCPU it ran (None when the
+    /// thread did not end in time or panicked).
+    pub fn take_back(self, timeout: Duration) -> Option<Vcpu> {
         self.send(VcpuEvent::Finish);
         let deadline = std::time::Instant::now() + timeout;
         loop {
@@ -472,16 +511,19 @@ impl VcpuHandle {
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) if left.is_zero() => {
                     log::warn!("vCPU {} did not stop; leaving it behind", self.id);
-                    return false;
+                    return None;
                 }
                 // A kick that landed outside KVM_RUN is not lost (immediate_exit stays
                 // set), but one sent before the thread set it up is: kick again.
                 Err(RecvTimeoutError::Timeout) => self.kick(),
             }
         }
-        if self.thread.join().is_err() {
-            log::error!("vCPU {} thread panicked", self.id);
+        match self.thread.join() {
+            Ok(vcpu) => Some(vcpu),
+            Err(_) => {
+                log::error!("vCPU {} thread panicked", self.id);
+                None
+            }
         }
-        true
     }
 }

@@ -18,7 +18,8 @@ fn changes_the_vm(req: &ApiRequest) -> bool {
         | ApiRequest::SnapshotCreate(_)
         | ApiRequest::SnapshotCreateAs(_)
         | ApiRequest::SnapshotRevert(_)
-        | ApiRequest::SnapshotDelete(_) => true,
+        | ApiRequest::SnapshotDelete(_)
+        | ApiRequest::SetVcpus(_) => true,
         ApiRequest::EmberAction(a) => matches!(
             a.action_type,
             EmberActionType::Reset | EmberActionType::Reboot
@@ -124,6 +125,11 @@ impl Vmm {
             ApiRequest::Balloon(b) => self.balloon_request(b),
             ApiRequest::MigrationInfo => self.migration_info(),
             ApiRequest::MigrationAbort => self.abort_migration(),
+            ApiRequest::SetVcpus(v) => match self.set_vcpus(v.count) {
+                Ok(()) => Response::empty(204),
+                Err(e) if e.is_user_error() => api::bad_request(&e.to_string()),
+                Err(e) => Response::fault(500, &crate::error_chain(&e)),
+            },
             // Answered in serve_api, which holds the connection a detach answers later.
             ApiRequest::Hotplug(_) => Response::fault(500, "hotplug request out of place"),
             ApiRequest::Migrate(_) | ApiRequest::ReceiveMigration(_) => api::bad_request(
@@ -287,6 +293,7 @@ impl Vmm {
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "vcpus": cfg.cpus.boot,
             "max_vcpus": cfg.cpus.max,
+            "present_vcpus": self.present_vcpus(),
             "memory_mib": cfg.memory.0 >> 20,
             "kernel": cfg.kernel,
             "initrd": cfg.initrd,

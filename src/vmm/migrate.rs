@@ -396,16 +396,7 @@ impl Vmm {
     ) -> Result<Self, VmmError> {
         let invalid = |e: SnapshotError| VmmError::Snapshot(Box::new(e));
         state.check().map_err(invalid)?;
-        let mut vmm =
-            Self::build_with_memory(&state.config, session, Some(mem), &state.devices.pci)?;
-        crate::vstate::restore_vm(&vmm.vm, &state.vm).map_err(|e| invalid(e.into()))?;
-        for (v, s) in vmm.vcpus.iter().zip(&state.vcpus) {
-            v.restore_state(s).map_err(|e| invalid(e.into()))?;
-        }
-        vmm.devices
-            .restore_state(&state.devices)
-            .map_err(|e| invalid(e.into()))?;
-        vmm.restored = true;
+        let mut vmm = Self::from_state(state, mem, session)?;
         if state.paused {
             vmm.state = VmState::Paused;
         }

@@ -6,6 +6,7 @@
 mod balloon;
 mod control;
 pub mod cpuid;
+mod cpus;
 mod hotplug;
 mod migrate;
 mod named;
@@ -142,8 +143,10 @@ pub struct Vmm {
     // Field order is drop order: vCPUs and devices go before the VM and the memory they map.
     /// Configured vCPUs, until [`Vmm::run`] starts them.
     vcpus: Vec<Vcpu>,
-    /// Started vCPU threads.
+    /// Started vCPU threads, by index.
     handles: Vec<VcpuHandle>,
+    /// CPU hotplug (a VM that may have more than one vCPU), with the unplugged vCPUs.
+    cpu_hotplug: Option<cpus::CpuHotplugCtl>,
     devices: DeviceManager,
     events: EventLoop,
     run_state: Arc<RunState>,
@@ -221,16 +224,18 @@ fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
 impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, devices, vCPUs; no kernel yet.
     pub fn build(cfg: &VmConfig, session: &Session) -> Result<Self, VmmError> {
-        Self::build_with_memory(cfg, session, None, &[])
+        Self::build_with_memory(cfg, session, None, &[], None)
     }
 
     /// [`Self::build`], with guest memory given (mapped from a snapshot) or made anew.
-    /// PCI devices named in `placed` (a snapshot's) go where they sat.
+    /// PCI devices named in `placed` (a snapshot's) go where they sat; the vCPUs are those
+    /// of the CPUs `present` (default: the first `cpus.boot`).
     pub fn build_with_memory(
         cfg: &VmConfig,
         session: &Session,
         mem: Option<GuestMemoryMmap>,
         placed: &[crate::device_manager::PciDeviceState],
+        present: Option<&[u8]>,
     ) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         let plan = cpuid::vm_cpuid(&kvm, &cfg.cpu_features.0)?;
@@ -270,10 +275,19 @@ impl Vmm {
         if let Some(b) = &cfg.balloon {
             devices.attach_balloon(&mut events, b)?;
         }
-        let vcpus = Self::create_vcpus(&vm, cfg, &plan, &devices, &run_state, &mem)?;
-        Ok(Vmm {
-            vcpus,
+        let cpu_hotplug = match cfg.cpus.max {
+            0 | 1 => None,
+            max => Some(cpus::CpuHotplugCtl::attach(
+                &devices.buses(),
+                &mut events,
+                max,
+                cfg.cpus.boot,
+            )?),
+        };
+        let mut vmm = Vmm {
+            vcpus: Vec::new(),
             handles: Vec::new(),
+            cpu_hotplug,
             devices,
             events,
             run_state,
@@ -291,7 +305,13 @@ impl Vmm {
             snapshot_dirty,
             dirty,
             detaches: Vec::new(),
-        })
+        };
+        let boot: Vec<u8> = (0..cfg.cpus.boot).collect();
+        for &id in present.unwrap_or(&boot) {
+            let v = vmm.make_vcpu(id)?;
+            vmm.vcpus.push(v);
+        }
+        Ok(vmm)
     }
 
     /// The transport of devices that name none, and the PCI host (root bus, config
@@ -302,34 +322,6 @@ impl Vmm {
             devices.attach_pci_host()?;
         }
         Ok(())
-    }
-
-    fn create_vcpus(
-        vm: &VmFd,
-        cfg: &VmConfig,
-        plan: &cpuid::CpuidPlan,
-        devices: &DeviceManager,
-        run_state: &Arc<RunState>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Vec<Vcpu>, VmmError> {
-        let tsc_deadline = vm.check_extension(Cap::TscDeadlineTimer);
-        let cpus = cfg.cpus.boot;
-        (0..cpus)
-            .map(|id| {
-                let fd = vm
-                    .create_vcpu(u64::from(id))
-                    .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
-                let cpuid = boot_cpuid::for_vcpu(&plan.entries, id, cpus, tsc_deadline);
-                Ok(Vcpu::new(
-                    fd,
-                    id,
-                    &cpuid,
-                    devices.buses(),
-                    run_state.clone(),
-                    mem.clone(),
-                )?)
-            })
-            .collect()
     }
 
     /// The kernel command line: the user's, `root=`, the devices', `clearcpuid=`.
@@ -367,6 +359,7 @@ impl Vmm {
                 initrd: initrd.as_mut(),
                 cmdline: &cmdline,
                 cpus: self.config.cpus.boot,
+                max_cpus: self.config.cpus.max,
                 pvpanic: self.config.pvpanic,
                 pci: self.devices.pci_host(),
             },
@@ -408,6 +401,7 @@ impl Vmm {
                 reports = self.run_state.report_generation();
                 self.handles.iter().for_each(VcpuHandle::kick);
             }
+            self.reap_ejected();
             self.serve_api(session);
             self.serve_migration(session);
             self.serve_hotplug(session);

@@ -31,6 +31,8 @@ impl Vmm {
             return Err(SnapshotError::Invalid("the VM must be paused".into()));
         }
         self.devices.flush_disks().map_err(SnapshotError::Invalid)?;
+        // A CPU the guest ejected since the event loop last looked has no vCPU any more.
+        self.reap_ejected();
         let msrs = self.msr_list()?;
         let answers = self
             .tell_vcpus(
@@ -55,7 +57,10 @@ impl Vmm {
             config: self.config.clone(),
             vm: vstate::save_vm(&self.vm)?,
             vcpus,
-            devices: self.devices.save_state()?,
+            devices: snapshot::DevicesState {
+                cpu_hotplug: self.cpu_hotplug_state(),
+                ..self.devices.save_state()?
+            },
             memory,
         })
     }
@@ -152,10 +157,31 @@ impl Vmm {
     ) -> Result<Self, VmmError> {
         let invalid = |e: SnapshotError| VmmError::Snapshot(Box::new(e));
         state.check().map_err(invalid)?;
-        let cfg = &state.config;
-        let mem = snapshot::memory::map(mem_path, &state.memory, cfg.memory.0)
+        let mem = snapshot::memory::map(mem_path, &state.memory, state.config.memory.0)
             .map_err(|e| invalid(e.into()))?;
-        let mut vmm = Self::build_with_memory(cfg, session, Some(mem), &state.devices.pci)?;
+        let mut vmm = Self::from_state(state, mem, session)?;
+        if paused.unwrap_or(state.paused) {
+            vmm.state = VmState::Paused;
+        }
+        Ok(vmm)
+    }
+
+    /// Builds the VM `state` describes (checked) over `mem`: the vCPUs of the present CPUs,
+    /// KVM's, the vCPUs' and the devices' states applied.
+    pub(super) fn from_state(
+        state: &SnapshotState,
+        mem: devices::GuestMemoryMmap,
+        session: &Session,
+    ) -> Result<Self, VmmError> {
+        let invalid = |e: SnapshotError| VmmError::Snapshot(Box::new(e));
+        let present = state.present_cpus();
+        let mut vmm = Self::build_with_memory(
+            &state.config,
+            session,
+            Some(mem),
+            &state.devices.pci,
+            Some(&present),
+        )?;
         vstate::restore_vm(&vmm.vm, &state.vm).map_err(|e| invalid(e.into()))?;
         for (v, s) in vmm.vcpus.iter().zip(&state.vcpus) {
             v.restore_state(s).map_err(|e| invalid(e.into()))?;
@@ -163,10 +189,10 @@ impl Vmm {
         vmm.devices
             .restore_state(&state.devices)
             .map_err(|e| invalid(e.into()))?;
-        vmm.restored = true;
-        if paused.unwrap_or(state.paused) {
-            vmm.state = VmState::Paused;
+        if let (Some(ctl), Some(s)) = (&vmm.cpu_hotplug, &state.devices.cpu_hotplug) {
+            ctl.restore(s).map_err(|e| invalid(e.into()))?;
         }
+        vmm.restored = true;
         Ok(vmm)
     }
 }

@@ -12,6 +12,8 @@
 //! table pointing at the ECAM window; and a motherboard resource (PNP0C02) reserving that
 //! window, without which Linux refuses to use it.
 
+pub mod cpus;
+
 use crate::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -84,6 +86,9 @@ pub struct AcpiOptions {
     pub com1: bool,
     /// The PCI host bridge, when the VM has one (then also the MCFG table).
     pub pci: Option<PciHost>,
+    /// CPU hotplug up to this many CPUs: the MADT lists them all (those beyond the boot
+    /// CPUs online capable) and the DSDT has `\_SB.CPUS` ([`cpus`]).
+    pub cpu_hotplug: Option<u8>,
 }
 
 impl Default for AcpiOptions {
@@ -92,6 +97,7 @@ impl Default for AcpiOptions {
             pvpanic: true,
             com1: false,
             pci: None,
+            cpu_hotplug: None,
         }
     }
 }
@@ -356,6 +362,9 @@ fn dsdt_terms(opts: &AcpiOptions) -> Result<Vec<Term>, AcpiError> {
     if let Some(p) = &opts.pci {
         devices.extend(pci_devices(p)?);
     }
+    if let Some(max) = opts.cpu_hotplug {
+        devices.push(cpus::container(max));
+    }
     Ok(vec![
         Term::name(
             "_S5",
@@ -375,6 +384,13 @@ fn gpe_methods(opts: &AcpiOptions) -> Vec<Term> {
             &format!("_E{GPE_PCI_HOTPLUG:02X}"),
             0,
             vec![Term::Eval(Expr::call("\\_SB.PCI0.PCNT", vec![]))],
+        ));
+    }
+    if opts.cpu_hotplug.is_some() {
+        terms.push(Term::method(
+            &format!("_E{GPE_CPU_HOTPLUG:02X}"),
+            0,
+            vec![Term::Eval(Expr::call("\\_SB.CPUS.CSCN", vec![]))],
         ));
     }
     terms
@@ -438,13 +454,13 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     Sdt::new(b"FACP", 6).bytes(&b).finish()
 }
 
-fn madt(cpus: u8, ioapic_id: u8) -> Vec<u8> {
+/// The MADT: `cpus` enabled processors, then up to `max` online-capable ones.
+fn madt(cpus: u8, max: u8, ioapic_id: u8) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(&(APIC_START as u32).to_le_bytes());
     b.extend_from_slice(&1u32.to_le_bytes()); // PCAT_COMPAT: there are 8259s
-    for cpu in 0..cpus {
-        b.extend_from_slice(&[0, 8, cpu, cpu]);
-        b.extend_from_slice(&1u32.to_le_bytes()); // enabled
+    for cpu in 0..max.max(cpus) {
+        b.extend_from_slice(&cpus::lapic_entry(cpu, cpus::madt_flags(cpu, cpus)));
     }
     b.extend_from_slice(&[1, 12, ioapic_id, 0]);
     b.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
@@ -495,7 +511,7 @@ pub fn setup_acpi_with(
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64, 8);
     let fadt = fadt(facs_addr, dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64, 8);
-    let madt = madt(cpus, ioapic_id);
+    let madt = madt(cpus, opts.cpu_hotplug.unwrap_or(cpus), ioapic_id);
     let mut tables = vec![(fadt_addr, fadt), (madt_addr, madt)];
     let mut next = align(madt_addr + tables[1].1.len() as u64, 8);
     if let Some(p) = &opts.pci {
@@ -592,7 +608,7 @@ mod tests {
 
     #[test]
     fn madt_lists_every_cpu_and_the_ioapic() {
-        let t = madt(3, 3);
+        let t = madt(3, 3, 3);
         let (mut off, mut cpus, mut ioapics) = (44, 0, 0);
         while off < t.len() {
             match t[off] {
@@ -609,6 +625,38 @@ mod tests {
             off += t[off + 1] as usize;
         }
         assert_eq!((cpus, ioapics), (3, 1));
+    }
+
+    #[test]
+    fn madt_lists_hotpluggable_cpus_online_capable_but_not_enabled() {
+        let t = madt(1, 3, 3);
+        assert_eq!(t[8], 5, "revision 5: Linux reads the online-capable flag");
+        let flags: Vec<u32> = (0..3)
+            .map(|i| 44 + i * 8)
+            .inspect(|&off| assert_eq!(t[off], 0, "a processor local APIC"))
+            .map(|off| u32::from_le_bytes(t[off + 4..off + 8].try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                cpus::LAPIC_ENABLED,
+                cpus::LAPIC_ONLINE_CAPABLE,
+                cpus::LAPIC_ONLINE_CAPABLE
+            ]
+        );
+    }
+
+    #[test]
+    fn cpu_hotplug_adds_the_processor_container_to_the_dsdt() {
+        let names = dsdt_names(&AcpiOptions {
+            cpu_hotplug: Some(2),
+            ..Default::default()
+        });
+        assert!(names.contains(&"\\_SB_.CPUS.C001._MAT".to_string()));
+        assert!(names.contains(&"\\_GPE._E02".to_string()), "{names:?}");
+        assert!(!dsdt_names(&AcpiOptions::default())
+            .iter()
+            .any(|n| n.contains("CPUS")));
     }
 
     use crate::x86_64::aml::tests::walker::Walker;
@@ -643,6 +691,7 @@ mod tests {
             pvpanic: false,
             com1: true,
             pci: None,
+            cpu_hotplug: None,
         });
         assert!(!names.iter().any(|n| n.contains("PEVT")));
         assert!(names.contains(&"\\_SB_.COM1._UID".to_string()));
@@ -687,9 +736,10 @@ mod tests {
         let m = mem();
         let opts = AcpiOptions {
             pci: Some(PCI),
+            cpu_hotplug: Some(6),
             ..Default::default()
         };
-        let rsdp = read(&m, setup_acpi_with(&m, 4, 4, &opts).unwrap(), 36);
+        let rsdp = read(&m, setup_acpi_with(&m, 4, 6, &opts).unwrap(), 36);
         let xsdt = table(&m, u64_at(&rsdp, 24));
         let fadt = table(&m, u64_at(&xsdt, 36));
         let madt = table(&m, u64_at(&xsdt, 44));

@@ -2,6 +2,7 @@
 
 pub mod acpi_pm;
 pub mod cmos;
+pub mod cpu_hotplug;
 pub mod debug_exit;
 pub mod i8042;
 pub mod pvpanic;
@@ -9,6 +10,7 @@ pub mod serial;
 
 pub use acpi_pm::AcpiPm;
 pub use cmos::Cmos;
+pub use cpu_hotplug::CpuHotplug;
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
 pub use pvpanic::PvPanic;
