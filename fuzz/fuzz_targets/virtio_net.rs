@@ -19,10 +19,10 @@ use devices::virtio::net::{
 };
 use devices::virtio::queue::{check_layout, QueueConfig};
 use devices::virtio::{features, VirtioDevice};
+use devices::GuestMemoryMmap;
 use devices::Interrupt;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use devices::GuestMemoryMmap;
 
 struct NoIrq;
 impl Interrupt for NoIrq {
