@@ -741,10 +741,18 @@ impl Qcow2Image {
             return self.write_range(data, guest);
         };
         let len = packed.len() as u64;
-        let offset = match self.compressed_cursor {
+        // Packed after the previous compressed cluster when it fits and the refcount can
+        // count one more user (1-bit refcounts cannot). A freed cluster drops the cursor
+        // (see `change_refcount`).
+        let fits = match self.compressed_cursor {
             Some(c) if (c % cs) + len <= cs && c % cs != 0 => {
-                let cluster = c - c % cs;
-                self.change_refcount(cluster, 1)?;
+                self.refcount(c - c % cs)? < self.max_refcount()
+            }
+            _ => false,
+        };
+        let offset = match self.compressed_cursor {
+            Some(c) if fits => {
+                self.change_refcount(c - c % cs, 1)?;
                 c
             }
             _ => self.alloc_clusters(1)?,
