@@ -351,6 +351,8 @@ fn run_round(dir: &Path, seed: u64, cfg: &Config, bases: &Bases) -> Result<Verdi
 enum Verdict {
     /// Clean, or leaks only.
     Clean,
+    /// Clean, or leaks only, though killed inside a snapshot operation.
+    CleanInSnapshot,
     /// Killed inside a snapshot operation, and the only errors are clusters with refcount
     /// 1 whose COPIED flag is already clear (a write copies them once; harmless), repaired
     /// by `qemu-img check -r all`.
@@ -397,7 +399,10 @@ fn qemu_check(img: &Path, killed: &Killed) -> Result<Verdict, String> {
 fn check_round(dir: &Path, img: &Path, seed: u64, cfg: &Config) -> Result<Verdict, String> {
     let killed = run_writer(img, seed, cfg.snapshots)?;
     let flushed = killed.flushed;
-    let verdict = qemu_check(img, &killed)?;
+    let verdict = match qemu_check(img, &killed)? {
+        Verdict::Clean if killed.in_snapshot => Verdict::CleanInSnapshot,
+        v => v,
+    };
     let granule = cfg.cluster_size.min(SLOT);
     let data = flatten(img, dir, None)?;
     // Flushed state, or any later op (it may have landed).
@@ -480,22 +485,24 @@ struct Row {
     points: u64,
     failures: u64,
     flags_only: u64,
+    in_snapshot: u64,
     refcount_bits: std::collections::BTreeSet<u32>,
 }
 
 fn print_table(rows: &BTreeMap<(u64, Backing, bool), Row>, widths: &BTreeMap<u32, (u64, u64)>) {
     println!(
-        "{:>9} {:>7} {:>9} {:>6} {:>8} {:>10}  refcount bits",
-        "cluster", "backing", "snapshots", "points", "failures", "flags-only"
+        "{:>9} {:>7} {:>9} {:>6} {:>8} {:>11} {:>10}  refcount bits",
+        "cluster", "backing", "snapshots", "points", "failures", "in-snapshot", "flags-only"
     );
     for ((cs, b, s), r) in rows {
         let bits: Vec<String> = r.refcount_bits.iter().map(u32::to_string).collect();
         println!(
-            "{cs:>9} {:>7} {:>9} {:>6} {:>8} {:>10}  {}",
+            "{cs:>9} {:>7} {:>9} {:>6} {:>8} {:>11} {:>10}  {}",
             format!("{b:?}"),
             if *s { "yes" } else { "no" },
             r.points,
             r.failures,
+            r.in_snapshot,
             r.flags_only,
             bits.join(",")
         );
@@ -538,6 +545,9 @@ fn crash_campaign() {
             row.flags_only += 1;
             flags_only += 1;
         }
+        if matches!(result, Ok(Verdict::FlagsOnly | Verdict::CleanInSnapshot)) {
+            row.in_snapshot += 1;
+        }
         if let Err(e) = result {
             row.failures += 1;
             w.1 += 1;
@@ -554,9 +564,11 @@ fn crash_campaign() {
         }
     }
     print_table(&rows, &widths);
+    let in_snapshot: u64 = rows.values().map(|r| r.in_snapshot).sum();
     println!(
-        "{points} crash points, {} failures, {flags_only} killed inside a snapshot operation \
-         with only harmless COPIED-flag errors (repaired by qemu-img check -r all), {:.0?}",
+        "{points} crash points, {} failures; {in_snapshot} killed inside a snapshot create or \
+         delete, {flags_only} of them with only harmless COPIED-flag errors (repaired by \
+         qemu-img check -r all); {:.0?}",
         failures.len(),
         start.elapsed()
     );

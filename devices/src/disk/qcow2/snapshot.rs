@@ -280,8 +280,8 @@ impl Qcow2Image {
         // cleared before the higher refcounts reach the disk, so COPIED never marks a
         // cluster whose on-disk refcount says it is shared; a crash in between leaves
         // refcount 1 without COPIED (harmless: a write copies the cluster; `qemu-img check`
-        // reports it as an OFLAG_COPIED error, as it would for qemu's own snapshot creation
-        // interrupted there).
+        // reports it as an OFLAG_COPIED error; qemu's own snapshot creation has a similar
+        // window).
         self.update_copied_flags()?;
         let (date_sec, date_nsec) = now();
         let snapshot = Snapshot {
