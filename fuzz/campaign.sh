@@ -29,8 +29,11 @@ args_for() {
     esac
 }
 
-RUSTC_BOOTSTRAP=1 nice -n 19 cargo fuzz build -O "${targets[@]/#/--bin=}" >/dev/null 2>&1 ||
+if [ ${#targets[@]} -eq 1 ]; then
+    RUSTC_BOOTSTRAP=1 nice -n 19 cargo fuzz build -O "${targets[0]}"
+else
     RUSTC_BOOTSTRAP=1 nice -n 19 cargo fuzz build -O
+fi
 run() {
     local t="$1"
     mkdir -p "$OUT/corpus/$t" "$OUT/artifacts/$t"

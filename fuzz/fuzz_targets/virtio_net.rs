@@ -49,7 +49,7 @@ impl NetBackend for FakeTap {
     }
     fn write_frame(&mut self, parts: &[IoSlice]) -> io::Result<usize> {
         self.writes += 1;
-        if self.block_every_other && self.writes % 2 == 0 {
+        if self.block_every_other && self.writes.is_multiple_of(2) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(parts.iter().map(|p| p.len()).sum())
