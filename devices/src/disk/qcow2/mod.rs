@@ -757,6 +757,9 @@ impl Qcow2Image {
             }
             _ => self.alloc_clusters(1)?,
         };
+        // The cached decompressed cluster is keyed by where it lies: new compressed data
+        // may lie where a freed one did, at the same length.
+        self.decompressed = None;
         self.pwrite(&packed, offset, "writing a compressed cluster")?;
         // Byte-granular packing, as qemu: the entry covers whole sectors, the data does not.
         self.compressed_cursor = Some(offset + len);

@@ -365,6 +365,28 @@ fn a_freed_compressed_cluster_is_not_packed_into_after_reuse() {
     assert_clean(&mut img);
 }
 
+/// Found by the qcow2_write fuzz target: the last decompressed cluster is cached by its
+/// host offset and length; a new compressed cluster written where a freed one was, at the
+/// same length, read back as the old one's data.
+#[test]
+fn a_compressed_cluster_written_over_a_freed_one_reads_back_new_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create_mib(dir.path(), "c.qcow2");
+    let mut img = open_rw(&p);
+    let a = vec![0xa3u8; 65536];
+    let b = vec![0x5cu8; 65536];
+    let mut back = vec![0u8; 65536];
+    img.write_compressed(0, &a).unwrap();
+    img.read_at(&mut back, 0).unwrap();
+    img.write_zeroes(0, 65536, true).unwrap();
+    img.flush().unwrap();
+    img.write_compressed(65536, &b).unwrap();
+    img.read_at(&mut back, 65536).unwrap();
+    assert!(back == b, "read {:#x}, not {:#x}", back[0], b[0]);
+    img.flush().unwrap();
+    assert_clean(&mut img);
+}
+
 /// With 1-bit refcounts a host cluster holds one compressed cluster: packing a second one
 /// into it would need refcount 2.
 #[test]
