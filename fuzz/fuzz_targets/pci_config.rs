@@ -21,9 +21,10 @@ use devices::virtio::queue::QueuePosition;
 use devices::virtio::{
     features, ActivateError, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
+use devices::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::Queue;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A device with two queues that keeps the interrupt it is given.
@@ -156,7 +157,7 @@ fn width(b: u8) -> usize {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
     let root = Arc::new(PciRoot::new());
     let funcs = [function(&root, 1, &mem), function(&root, 2, &mem)];
     let mut io = PciConfigIo::new(root.clone());

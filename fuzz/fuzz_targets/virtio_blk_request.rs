@@ -8,11 +8,11 @@ use devices::disk::{HostFile, RawImage};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioInterrupt;
 use devices::virtio::VirtioDevice;
+use devices::GuestMemoryMmap;
 use devices::Interrupt;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use devices::GuestMemoryMmap;
 
 struct NoIrq;
 impl Interrupt for NoIrq {

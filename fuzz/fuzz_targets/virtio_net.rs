@@ -19,10 +19,10 @@ use devices::virtio::net::{
 };
 use devices::virtio::queue::{check_layout, QueueConfig};
 use devices::virtio::{features, VirtioDevice};
+use devices::GuestMemoryMmap;
 use devices::Interrupt;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use devices::GuestMemoryMmap;
 
 struct NoIrq;
 impl Interrupt for NoIrq {
@@ -49,7 +49,7 @@ impl NetBackend for FakeTap {
     }
     fn write_frame(&mut self, parts: &[IoSlice]) -> io::Result<usize> {
         self.writes += 1;
-        if self.block_every_other && self.writes % 2 == 0 {
+        if self.block_every_other && self.writes.is_multiple_of(2) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(parts.iter().map(|p| p.len()).sum())

@@ -741,14 +741,25 @@ impl Qcow2Image {
             return self.write_range(data, guest);
         };
         let len = packed.len() as u64;
-        let offset = match self.compressed_cursor {
+        // Packed after the previous compressed cluster when it fits and the refcount can
+        // count one more user (1-bit refcounts cannot). A freed cluster drops the cursor
+        // (see `change_refcount`).
+        let fits = match self.compressed_cursor {
             Some(c) if (c % cs) + len <= cs && c % cs != 0 => {
-                let cluster = c - c % cs;
-                self.change_refcount(cluster, 1)?;
+                self.refcount(c - c % cs)? < self.max_refcount()
+            }
+            _ => false,
+        };
+        let offset = match self.compressed_cursor {
+            Some(c) if fits => {
+                self.change_refcount(c - c % cs, 1)?;
                 c
             }
             _ => self.alloc_clusters(1)?,
         };
+        // The cached decompressed cluster is keyed by where it lies: new compressed data
+        // may lie where a freed one did, at the same length.
+        self.decompressed = None;
         self.pwrite(&packed, offset, "writing a compressed cluster")?;
         // Byte-granular packing, as qemu: the entry covers whole sectors, the data does not.
         self.compressed_cursor = Some(offset + len);

@@ -127,6 +127,12 @@ impl Qcow2Image {
         };
         if new == 0 {
             self.free_hint = self.free_hint.min(cluster);
+            // The cluster may be reused for anything now: no more compressed data goes
+            // after what was packed into it.
+            let bits = self.header.cluster_bits;
+            if self.compressed_cursor.is_some_and(|c| c >> bits == cluster) {
+                self.compressed_cursor = None;
+            }
         }
         self.set_refcount_of(cluster, new)
     }

@@ -276,7 +276,12 @@ impl Qcow2Image {
         }
         self.apply_refcount_change(&refs, 1)?;
         // Every active cluster is shared now: no COPIED flag may remain on disk before the
-        // snapshot exists, or an in-place write would change the snapshot.
+        // snapshot exists, or an in-place write would change the snapshot. The flags are
+        // cleared before the higher refcounts reach the disk, so COPIED never marks a
+        // cluster whose on-disk refcount says it is shared; a crash in between leaves
+        // refcount 1 without COPIED (harmless: a write copies the cluster; `qemu-img check`
+        // reports it as an OFLAG_COPIED error; qemu's own snapshot creation has a similar
+        // window).
         self.update_copied_flags()?;
         let (date_sec, date_nsec) = now();
         let snapshot = Snapshot {
@@ -341,6 +346,9 @@ impl Qcow2Image {
         self.forget_cached_tables();
         self.l1 = l1;
         self.apply_refcount_change(&old_refs, -1)?;
+        // As in snapshot_delete: the lower refcounts first, then the flags they allow.
+        self.write_back_refcounts()?;
+        self.sync()?;
         self.update_copied_flags()?;
         if disk_size != self.header.size {
             self.header.size = disk_size;
@@ -377,6 +385,10 @@ impl Qcow2Image {
         self.write_snapshot_table(&snapshots)?;
         self.forget_cached_tables();
         self.apply_refcount_change(&refs, -1)?;
+        // Lower refcounts are durable before any COPIED flag they allow: on disk, COPIED
+        // never marks a cluster whose refcount says it is shared.
+        self.write_back_refcounts()?;
+        self.sync()?;
         self.update_copied_flags()?;
         self.flush_all()?;
         Ok(snapshot)
