@@ -470,7 +470,7 @@ timeout = "120s"
 name = "sees-no-leftovers"
 run = """
 [ -e /tmp/mark ] && exit 9
-read -r v </dev/vda
+read -r -n 9 v </dev/vda
 [ "$v" = disk-data ] && exit 8
 exit 3
 """
