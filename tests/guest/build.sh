@@ -26,7 +26,8 @@ die() { echo "guest-kit: error: $*" >&2; exit 1; }
 # installed only when missing, the machine may carry a newer one than Debian's).
 install_packages() {
 	local pkgs=(linux-source-6.1 build-essential flex bison bc libelf-dev cpio lz4
-		busybox-static e2fsprogs xz-utils pkg-config iproute2 iptables dnsmasq-base)
+		busybox-static e2fsprogs xz-utils pkg-config iproute2 iptables dnsmasq-base
+		curl acpica-tools)
 	command -v qemu-img >/dev/null || pkgs+=(qemu-utils)
 	local missing=()
 	for p in "${pkgs[@]}"; do
