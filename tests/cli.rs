@@ -215,14 +215,7 @@ fn an_image_in_use_is_refused_by_ember_and_qemu_img_alike() {
         .arg(format!("path={a}"))
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + LIMIT;
-    while ember_img(&["info", &a]).code() == Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ember never locked {a}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_locked(&a, &mut holder, "ember", LIMIT);
     // A second VM on the same overlay: one line, status 2.
     let line = usage_error(
         &[
@@ -288,14 +281,7 @@ fn an_image_in_use_is_refused_by_ember_and_qemu_img_alike() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("qemu-io is needed for this test");
-    let deadline = std::time::Instant::now() + LIMIT;
-    while ember_img(&["info", &a]).code() == Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "qemu-io never locked {a}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_locked(&a, &mut qemu, "qemu-io", LIMIT);
     usage_error(
         &[
             "--kernel",

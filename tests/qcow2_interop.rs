@@ -722,7 +722,12 @@ fn snapshot_errors_match_qemu_img_messages_and_status() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("qemu-io is needed");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    common::wait_locked(
+        s(&img),
+        &mut holder,
+        "qemu-io",
+        std::time::Duration::from_secs(60),
+    );
     let busy = run(&["-c", "t"]);
     let listing = run(&["-l"]);
     drop(holder.stdin.take());

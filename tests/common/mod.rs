@@ -226,3 +226,25 @@ pub fn assert_qemu_img_clean(path: &std::path::Path) {
     let out = tool_ok("qemu-img", &["check", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Whether the kernel lists a lock on `path` in /proc/locks. Reading it takes no lock
+/// itself: probing with `img info` would race the holder's own open and make it fail.
+pub fn locked(path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino();
+    let locks = std::fs::read_to_string("/proc/locks").expect("/proc/locks");
+    let tail = format!(":{ino} ");
+    locks.lines().any(|l| l.contains(&tail))
+}
+
+/// Waits until `path` is locked by `who`, failing if `who` exits first or never locks it.
+pub fn wait_locked(path: &str, who: &mut Child, name: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !locked(path) {
+        if let Some(st) = who.try_wait().unwrap() {
+            panic!("{name} exited ({st}) before it locked {path}");
+        }
+        assert!(Instant::now() < deadline, "{name} never locked {path}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
