@@ -50,6 +50,23 @@ fn banner_reaches_stdout_and_acpi_poweroff_exits_0() {
 }
 
 #[test]
+fn the_pvh_entry_reads_its_command_line_from_the_start_info() {
+    // The same code entered through its PVH note (32-bit, paging off, ebx = hvm_start_info):
+    // it builds its own page tables and long mode, then parses the same words.
+    let t = tiny();
+    std::fs::write(&t.kernel, guest::pvh_elf_image()).unwrap();
+    let r = run(ember_tiny(&t, "exit=16", &[]), LIMIT);
+    assert_eq!(r.code(), Some(33), "{r:?}");
+    assert!(
+        r.stdout.contains("tiny: hello from the tiny kernel"),
+        "{r:?}"
+    );
+    let r = run(ember_tiny(&t, "", &[]), LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    assert!(r.stdout.contains("tiny: powering off"), "{r:?}");
+}
+
+#[test]
 fn debug_exit_status_is_value_shifted_left_or_one() {
     let t = tiny();
     for (value, status) in [(0, 1), (16, 33), (100, 201)] {

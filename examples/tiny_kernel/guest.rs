@@ -16,6 +16,8 @@
 //! | `echo`     | echoes serial input until it reads `q`                           |
 //! | `exit=N`   | writes N (decimal) to the debug-exit port 0xf4: status (N<<1)\|1  |
 //! | `reboot`   | pulses the i8042 reset line                                       |
+//! | `sleepctl` | writes S5 (0x34) to port 0x600: the ACPI hardware-reduced sleep     |
+//! |            | control register where Cloud Hypervisor has it (it exits on that)  |
 //! | `triple`   | loads an empty IDT and raises an exception: a triple fault        |
 //! | `halt`     | stops forever (interrupts off)                                    |
 //! | `count`    | prints `tick 1`, `tick 2`, ... on COM1 every 100 ms, forever      |
@@ -27,7 +29,7 @@
 //! |            | to `PCEJ` (0xae08): a guest that gives back every slot asked back |
 //!
 //! With none of the ending words it powers off through ACPI (PM1a_CNT, S5). `count`,
-//! `idle`, `ejector`, `halt`, `exit=`, `reboot` and `triple` end the word list; `dirty=K` is looked up
+//! `idle`, `ejector`, `halt`, `exit=`, `reboot`, `sleepctl` and `triple` end the word list; `dirty=K` is looked up
 //! on the whole line, before or after `count`.
 //!
 //! **`count`.** Before the first tick it prints `tiny: counting, one tick = C TSC cycles`.
@@ -61,6 +63,10 @@
 //! (no EOI), so a stray interrupt is taken at most once per source and never faults; the boot
 //! state has no device raising one anyway. An exception with an error code would not
 //! return cleanly, but nothing in the loop raises one.
+
+// The PVH stub switches to AT&T syntax inside the one asm block (Intel syntax refuses the
+// label differences it needs as displacements).
+#![allow(bad_asm_style)]
 
 use std::arch::global_asm;
 
@@ -98,6 +104,9 @@ tg_next_word:
     lea rdi, [rip + tg_w_reboot]
     call tg_word_is
     jz tg_do_reboot
+    lea rdi, [rip + tg_w_sleepctl]
+    call tg_word_is
+    jz tg_do_sleepctl
     lea rdi, [rip + tg_w_triple]
     call tg_word_is
     jz tg_do_triple
@@ -162,6 +171,12 @@ tg_do_exit:
 tg_do_reboot:
     mov al, 0xfe
     out 0x64, al
+    jmp tg_do_halt
+
+tg_do_sleepctl:
+    mov dx, 0x600
+    mov al, 0x34
+    out dx, al
     jmp tg_do_halt
 
 tg_do_triple:
@@ -557,6 +572,70 @@ tg_put_hex32:
     jnz .Ltg_put_hex32_1
     ret
 
+// PVH entry (the ELF note XEN_ELFNOTE_PHYS32_ENTRY of `pvh_elf_image`): 32-bit protected
+// mode, paging off, ebx = hvm_start_info. Identity-maps the first 1 GiB with 2 MiB pages
+// (tables in the image), enters long mode and joins the 64-bit entry with a "zero page"
+// pointer whose cmd_line_ptr (+0x228) is the start info's cmdline_paddr (+24). Numeric
+// labels are avoided: in Intel syntax `1b` reads as a binary number.
+    .balign 16
+    .globl ember_tiny_guest_pvh
+ember_tiny_guest_pvh:
+    .code32
+    // AT&T syntax here: Intel syntax refuses label differences as displacements.
+    .att_syntax prefix
+    movl $0x8ff0, %esp
+    call .Ltg_pvh_here
+.Ltg_pvh_here:
+    popl %ebp
+    leal (tg_pvh_tables - .Ltg_pvh_here + 0xfff)(%ebp), %edi
+    andl $0xfffff000, %edi
+    leal 0x1003(%edi), %eax
+    movl %eax, (%edi)
+    leal 0x2003(%edi), %eax
+    movl %eax, 0x1000(%edi)
+    xorl %ecx, %ecx
+.Ltg_pvh_pd:
+    movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax
+    movl %eax, 0x2000(%edi, %ecx, 8)
+    incl %ecx
+    cmpl $512, %ecx
+    jne .Ltg_pvh_pd
+    movl %edi, %cr3
+    movl %cr4, %eax
+    orl $0x20, %eax
+    movl %eax, %cr4
+    movl $0xc0000080, %ecx
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    leal (tg_pvh_gdt - .Ltg_pvh_here)(%ebp), %eax
+    movl %eax, (tg_pvh_gdtr + 2 - .Ltg_pvh_here)(%ebp)
+    lgdtl (tg_pvh_gdtr - .Ltg_pvh_here)(%ebp)
+    movl %cr0, %eax
+    orl $0x80000001, %eax
+    movl %eax, %cr0
+    leal (tg_pvh_64 - .Ltg_pvh_here)(%ebp), %eax
+    pushl $0x08
+    pushl %eax
+    lretl
+    .intel_syntax noprefix
+    .code64
+tg_pvh_64:
+    mov eax, ebx
+    lea rsi, [rax + 24 - 0x228]
+    jmp ember_tiny_guest_start
+
+    .balign 8
+tg_pvh_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff
+    .quad 0x00cf92000000ffff
+tg_pvh_gdtr:
+    .word 23
+    .long 0
+
     .balign 8
 tg_zero_page:   .quad 0
 tg_null_idt:
@@ -571,6 +650,7 @@ tg_w_cpuid:     .asciz "cpuid"
 tg_w_echo:      .asciz "echo"
 tg_w_exit:      .asciz "exit="
 tg_w_reboot:    .asciz "reboot"
+tg_w_sleepctl:  .asciz "sleepctl"
 tg_w_triple:    .asciz "triple"
 tg_w_halt:      .asciz "halt"
 tg_w_count:     .asciz "count"
@@ -586,6 +666,8 @@ tg_ejector_label: .asciz "tiny: ejector\n"
     // The IDT `idle` fills in: 256 gates of 16 bytes.
     .balign 16
 tg_idt:         .skip 4096
+    // The PVH entry's page tables: PML4, PDPT and PD, 4 KiB-aligned inside this area.
+tg_pvh_tables:  .skip 16384
 ember_tiny_guest_end:
     .popsection
 "#
@@ -593,6 +675,7 @@ ember_tiny_guest_end:
 
 extern "C" {
     static ember_tiny_guest_start: u8;
+    static ember_tiny_guest_pvh: u8;
     static ember_tiny_guest_end: u8;
 }
 
@@ -610,13 +693,46 @@ pub fn code() -> &'static [u8] {
     }
 }
 
+/// Offset of the PVH (32-bit) entry in [`code`].
+fn pvh_entry_offset() -> u64 {
+    // SAFETY: both are labels in the section emitted above; the PVH entry lies after the start.
+    unsafe {
+        let start = std::ptr::addr_of!(ember_tiny_guest_start);
+        let pvh = std::ptr::addr_of!(ember_tiny_guest_pvh);
+        pvh.offset_from(start) as u64
+    }
+}
+
 /// The code wrapped in a minimal ELF64 executable: one PT_LOAD at [`LOAD_ADDR`], entry at
-/// its first byte.
+/// its first byte (the 64-bit Linux boot protocol entry).
 pub fn elf_image() -> Vec<u8> {
+    elf(None)
+}
+
+/// The same with a PVH note (XEN_ELFNOTE_PHYS32_ENTRY), as `qemu -kernel`, Cloud Hypervisor
+/// and Firecracker want an ELF kernel: every PVH-capable VMM enters it in 32-bit mode.
+#[allow(dead_code)] // the example and one test use it; the other test crates include this file
+pub fn pvh_elf_image() -> Vec<u8> {
+    elf(Some((LOAD_ADDR + pvh_entry_offset()) as u32))
+}
+
+fn elf(pvh_entry: Option<u32>) -> Vec<u8> {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
+    // The note: namesz, descsz, type 18, "Xen\0", the 32-bit entry.
+    let note: Vec<u8> = match pvh_entry {
+        Some(entry) => [4u32, 4, 18]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .chain(*b"Xen\0")
+            .chain(entry.to_le_bytes())
+            .collect(),
+        None => Vec::new(),
+    };
+    let phnum = if note.is_empty() { 1 } else { 2 };
+    let code_at = EHDR + PHDR * phnum + note.len();
     let code = code();
-    let mut e = Vec::with_capacity(EHDR + PHDR + code.len());
+    let mut e = Vec::with_capacity(code_at + code.len());
     e.extend_from_slice(b"\x7fELF");
     e.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, SysV
     e.extend_from_slice(&[0; 8]);
@@ -629,16 +745,28 @@ pub fn elf_image() -> Vec<u8> {
     e.extend_from_slice(&0u32.to_le_bytes()); // flags
     e.extend_from_slice(&(EHDR as u16).to_le_bytes());
     e.extend_from_slice(&(PHDR as u16).to_le_bytes());
-    e.extend_from_slice(&1u16.to_le_bytes());
+    e.extend_from_slice(&(phnum as u16).to_le_bytes());
     e.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
     e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     e.extend_from_slice(&7u32.to_le_bytes()); // RWX
-    e.extend_from_slice(&((EHDR + PHDR) as u64).to_le_bytes());
+    e.extend_from_slice(&(code_at as u64).to_le_bytes());
     e.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // vaddr
     e.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // paddr
     e.extend_from_slice(&(code.len() as u64).to_le_bytes());
     e.extend_from_slice(&(code.len() as u64).to_le_bytes());
     e.extend_from_slice(&0x1000u64.to_le_bytes());
+    if !note.is_empty() {
+        let at = (EHDR + PHDR * phnum) as u64;
+        e.extend_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        e.extend_from_slice(&4u32.to_le_bytes()); // R
+        e.extend_from_slice(&at.to_le_bytes());
+        e.extend_from_slice(&0u64.to_le_bytes());
+        e.extend_from_slice(&0u64.to_le_bytes());
+        e.extend_from_slice(&(note.len() as u64).to_le_bytes());
+        e.extend_from_slice(&(note.len() as u64).to_le_bytes());
+        e.extend_from_slice(&4u64.to_le_bytes());
+        e.extend_from_slice(&note);
+    }
     e.extend_from_slice(code);
     e
 }

@@ -30,9 +30,21 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some("write-pvh") if args.len() == 2 => {
+            match std::fs::write(&args[1], guest::pvh_elf_image()) {
+                Ok(()) => {
+                    println!("wrote {} (with a PVH entry note)", args[1]);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cannot write {}: {e}", args[1]);
+                    ExitCode::from(2)
+                }
+            }
+        }
         Some("run") => run(&args[1..].join(" ")),
         _ => {
-            eprintln!("usage: tiny_kernel write FILE | tiny_kernel run [CMDLINE WORDS...]");
+            eprintln!("usage: tiny_kernel write FILE | tiny_kernel write-pvh FILE | tiny_kernel run [CMDLINE WORDS...]");
             ExitCode::from(2)
         }
     }
