@@ -1,7 +1,7 @@
 //! PCI hotplug's rules and resource freeing through the verbs, with the tiny test kernel:
 //! its `ejector` word plays a guest that gives back every slot asked back (so a detach
 //! completes), its `idle` word one that never does (so a detach times out and the device
-//! stays). Needs /dev/kvm.
+//! stays), its `eject=N` word one that ejects a slot nobody asked back. Needs /dev/kvm.
 
 mod common;
 #[path = "../examples/tiny_kernel/guest.rs"]
@@ -95,6 +95,8 @@ fn a_detach_the_guest_never_answers_times_out_and_the_device_stays() {
     let a = image(&h, "a.raw");
     h.ok(&["attach-disk", &name, &a]);
 
+    let row = device_row(&h, &name, "vda").expect("vda listed");
+    assert!(!row.contains("pending"), "{row}");
     let first = h.say(&["detach-disk", &name, "vda", "--timeout", "1"]);
     // While one detach waits, another of the same device is refused.
     let mut waiting = h.ember();
@@ -112,9 +114,48 @@ fn a_detach_the_guest_never_answers_times_out_and_the_device_stays() {
 
     refused(&first, 1, "did not release device 'vda' within 1 s");
     assert!(first.stderr.contains("stays attached"), "{first:?}");
+    let row = device_row(&h, &name, "vda").expect("vda listed");
+    assert!(row.ends_with("(detach pending)"), "{row}");
     refused(&concurrent, 2, "a detach of device 'vda' is pending");
     assert_eq!(waited.status.code(), Some(1));
     assert!(h.ok(&["domblklist", &name]).stdout.contains(&a));
+    h.ok(&["destroy", &name]);
+}
+
+#[test]
+fn a_device_the_guest_ejects_itself_goes_as_after_a_detach() {
+    let (h, k) = host();
+    let name = unique("hp-guest");
+    let (a, b) = (image(&h, "a.raw"), image(&h, "b.raw"));
+    // Slot 1 holds vda, slot 2 vdb; the guest ejects slot 5 (empty) and slot 1, unasked.
+    let disks = [format!("path={a}"), format!("path={b}")];
+    start(
+        &h,
+        &name,
+        &k,
+        "eject=5 eject=1 idle",
+        &[
+            "--transport",
+            "pci",
+            "--disk",
+            &disks[0],
+            "--disk",
+            &disks[1],
+        ],
+    );
+    assert!(
+        common::vm::wait_until(Duration::from_secs(10), || {
+            !h.ok(&["domblklist", &name]).stdout.contains(&a)
+        }),
+        "vda never went"
+    );
+    let list = h.ok(&["domblklist", &name]).stdout;
+    assert!(list.contains(&b), "vdb stays: {list}");
+    let config = h.ok(&["dumpconfig", &name]).stdout;
+    assert_eq!(config.matches("[[disk]]").count(), 1, "{config}");
+    // The slot and the image's lock are free again.
+    let again = h.ok(&["attach-disk", &name, &a]).stdout;
+    assert!(again.contains("0000:00:01.0"), "{again}");
     h.ok(&["destroy", &name]);
 }
 

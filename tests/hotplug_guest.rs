@@ -270,6 +270,20 @@ fn linux_takes_a_hotplugged_disk_and_nic_and_gives_them_back() {
     g.expect("EMBER-HP nic-gone", STEP_LIMIT);
     assert!(!h.ok(&["domiflist", NAME]).stdout.contains("tap0"));
 
+    // A disk the guest ejects itself (sysfs slot power off): it goes from the VM too.
+    let second = h.path().join("second.raw");
+    std::fs::write(&second, vec![0u8; 1 << 20]).unwrap();
+    let said = h.ok(&["attach-disk", NAME, second.to_str().unwrap()]);
+    assert!(said.stdout.contains("disk vda attached"), "{said:?}");
+    let line = g.expect("EMBER-HP self-eject", STEP_LIMIT);
+    assert!(!line.contains("slot=none"), "{line}");
+    assert!(
+        common::vm::wait_until(Duration::from_secs(10), || {
+            !h.ok(&["domblklist", NAME]).stdout.contains("second.raw")
+        }),
+        "the guest ejected the disk ({line}) but the VM still lists it"
+    );
+
     let status = wait_deadline(&mut g.child, STEP_LIMIT).expect("the guest powers off");
     assert_eq!(status.code(), Some(0));
     println!(

@@ -27,6 +27,8 @@
 //! | `ejector`  | prints `tiny: ejector`, then forever: every ~10 ms reads the PCI   |
 //! |            | hotplug controller's `PCID` (port 0xae04) and writes what it read  |
 //! |            | to `PCEJ` (0xae08): a guest that gives back every slot asked back |
+//! | `eject=N`  | writes slot N's bit to `PCEJ` once, asked or not (as Linux's      |
+//! |            | `echo 0 > /sys/bus/pci/slots/N/power`), and goes on               |
 //!
 //! With none of the ending words it powers off through ACPI (PM1a_CNT, S5). `count`,
 //! `idle`, `ejector`, `halt`, `exit=`, `reboot`, `sleepctl` and `triple` end the word list; `dirty=K` is looked up
@@ -125,6 +127,9 @@ tg_next_word:
     lea rdi, [rip + tg_w_ejector]
     call tg_word_is
     jz tg_do_ejector
+    lea rdi, [rip + tg_w_eject_eq]
+    call tg_prefix_is
+    jz tg_do_eject
 tg_skip_word:
     mov al, byte ptr [r12]
     test al, al
@@ -132,6 +137,16 @@ tg_skip_word:
     cmp al, ' '
     je tg_next_word
     inc r12
+    jmp tg_skip_word
+
+tg_do_eject:
+    lea rsi, [r12 + 6]
+    call tg_parse_dec
+    mov ecx, eax
+    mov eax, 1
+    shl eax, cl
+    mov dx, 0xae08
+    out dx, eax
     jmp tg_skip_word
 
 tg_do_cpuid:
@@ -658,6 +673,7 @@ tg_w_count_eq:  .asciz "count="
 tg_w_dirty_eq:  .asciz "dirty="
 tg_w_idle:      .asciz "idle"
 tg_w_ejector:   .asciz "ejector"
+tg_w_eject_eq:  .asciz "eject="
 tg_count_label: .asciz "tiny: counting, one tick = "
 tg_count_label2: .asciz " TSC cycles\n"
 tg_tick_label:  .asciz "tick "

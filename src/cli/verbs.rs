@@ -280,6 +280,11 @@ pub fn dominfo(a: NameArg) -> ExitCode {
                     .as_str()
                     .map(|b| format!("  {b}"))
                     .unwrap_or_default()
+                    + if d["detach_pending"].as_bool() == Some(true) {
+                        "  (detach pending)"
+                    } else {
+                        ""
+                    }
             );
         }
         Ok(())

@@ -228,6 +228,9 @@ pub struct DeviceInfo {
     /// PCI address (segment:bus:slot.function) of a PCI device.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pci: Option<String>,
+    /// A detach of this device waits for the guest to release it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub detach_pending: bool,
 }
 
 /// The PC devices of every VM.
@@ -703,6 +706,7 @@ impl DeviceManager {
                 backend: None,
                 mac: None,
                 pci: None,
+                detach_pending: false,
             };
             if l.serial.is_some() {
                 out.push(pio(
@@ -748,6 +752,7 @@ impl DeviceManager {
                 backend: Some(backend),
                 mac,
                 pci: None,
+                detach_pending: false,
             });
         }
         out.extend(self.pci_info());

@@ -352,6 +352,7 @@ impl DeviceManager {
                     backend: Some(backend),
                     mac,
                     pci: Some(format!("0000:00:{:02x}.0", e.slot)),
+                    detach_pending: self.unplug_pending(&e.id),
                 }
             })
             .collect()

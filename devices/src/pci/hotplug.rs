@@ -11,10 +11,12 @@
 //!
 //! The VMM fills a slot ([`PciHotplug::plug`]) or asks for one back
 //! ([`PciHotplug::request_unplug`]) and raises the hotplug GPE; the guest's `PCNT` reads
-//! `PCIU`/`PCID` and notifies each slot (1: device check, 3: eject request). An eject is
-//! taken only for a slot the VMM asked back: the guest cannot take away a device nobody
-//! unplugged. Taken ejects wait in [`PciHotplug::take_ejected`] and the `wake` trigger tells
-//! the VMM to collect them (it removes the device on its own thread, not the vCPU's).
+//! `PCIU`/`PCID` and notifies each slot (1: device check, 3: eject request). The guest may
+//! also eject a slot nobody asked back (Linux: `echo 0 > /sys/bus/pci/slots/N/power`), as
+//! under QEMU, whose ACPI hotplug ejects whatever sits in the slot: the VMM removes the
+//! device and a slot without one ignores it. Ejects wait in [`PciHotplug::take_ejected`]
+//! and the `wake` trigger tells the VMM to collect them (it removes the device on its own
+//! thread, not the vCPU's).
 //!
 //! Any width at any offset works byte by byte; bytes outside the registers read as zero and
 //! ignore writes.
@@ -97,25 +99,28 @@ impl PciHotplug {
         bit(slot).is_ok_and(|b| self.down & b != 0)
     }
 
-    /// The slots the guest ejected since the last call (each one asked back before).
+    /// The slots the guest ejected since the last call: asked back or not, occupied or not
+    /// (the VMM knows which slots hold a device).
     pub fn take_ejected(&mut self) -> u32 {
         std::mem::take(&mut self.ejected)
     }
 
     fn eject(&mut self, slots: u32) {
-        let taken = slots & self.down;
-        if slots & !taken != 0 {
+        if slots & !self.down != 0 {
             // Guest-chosen values: not worth more than a debug line each.
             log::debug!(
-                "PCI hotplug: ignored an eject of slots {:#x} (not asked back)",
-                slots & !taken
+                "PCI hotplug: the guest ejects slots {:#x} nobody asked back",
+                slots & !self.down
             );
         }
-        if taken == 0 {
+        let fresh = slots & !self.ejected;
+        self.down &= !slots;
+        self.up &= !slots;
+        self.ejected |= slots;
+        if fresh == 0 {
+            // Already waiting to be collected: one wake is enough.
             return;
         }
-        self.down &= !taken;
-        self.ejected |= taken;
         if let Err(e) = self.wake.trigger() {
             log::error!("PCI hotplug: cannot tell the VMM of an eject: {e}");
         }
@@ -219,20 +224,24 @@ mod tests {
     }
 
     #[test]
-    fn ejects_of_slots_not_asked_back_are_ignored() {
+    fn the_guest_may_eject_slots_nobody_asked_back_but_never_the_host_bridge() {
         let (mut d, wake) = dev();
         d.plug(2).unwrap();
         d.request_unplug(4).unwrap();
-        // An occupied slot, an empty one, the host bridge, all bits.
-        for v in [1u32 << 2, 1 << 9, 1, !(1u32 << 4)] {
+        // A plugged slot, an empty one, the host bridge: all go to the VMM but slot 0.
+        for v in [1u32 << 2, 1 << 9, 1] {
             d.write(PCEJ, &v.to_le_bytes());
         }
-        assert_eq!(d.take_ejected(), 0);
-        assert_eq!(wake.count(), 0);
-        assert!(d.unplug_pending(4));
-        // All ones takes only what was asked back.
+        assert_eq!(wake.count(), 2, "one wake per eject the VMM must collect");
+        assert_eq!(read32(&mut d, PCIU), 0, "an ejected slot is no longer news");
+        assert!(d.unplug_pending(4), "slot 4 was not ejected");
+        assert_eq!(d.take_ejected(), (1 << 2) | (1 << 9));
+        // Ejects the VMM has not collected yet wake it once.
         d.write(PCEJ, &u32::MAX.to_le_bytes());
-        assert_eq!(d.take_ejected(), 1 << 4);
+        d.write(PCEJ, &u32::MAX.to_le_bytes());
+        assert_eq!(wake.count(), 3);
+        assert!(!d.unplug_pending(4));
+        assert_eq!(d.take_ejected(), SLOT_MASK);
     }
 
     #[test]
@@ -260,7 +269,7 @@ mod tests {
         d.write(PCEJ + 1, &[0xff; 8]);
         assert_eq!(
             d.take_ejected(),
-            1 << 31,
+            0xffff_ff00,
             "bytes 1-3 of PCEJ reached, the rest past it"
         );
         d.write(u64::MAX, &[0xff; 8]);
@@ -294,8 +303,12 @@ mod tests {
         d.request_unplug(6).unwrap();
         d.plug(6).unwrap();
         assert!(!d.unplug_pending(6));
-        d.write(PCEJ, &(1u32 << 6).to_le_bytes());
-        assert_eq!(d.take_ejected(), 0);
+        assert_eq!(
+            read32(&mut d, PCID),
+            0,
+            "no eject request for slot 6 any more"
+        );
+        assert_eq!(read32(&mut d, PCIU), 1 << 6, "but a device check");
     }
 
     #[test]

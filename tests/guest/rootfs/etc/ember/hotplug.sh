@@ -1,7 +1,7 @@
 # PCI hotplug, driven by tests/hotplug_guest.rs: the host attaches a disk (an ext4 image
 # holding hello.txt), the guest reads it, writes guest.txt and reads it back, the host
 # detaches it; then the host attaches a NIC, the guest pings ember.peer= through it, the
-# host detaches it. Each step waits for the device to appear or go (the kernel's ACPI PCI
+# host detaches it; then the host attaches a second disk and the guest ejects it itself. Each step waits for the device to appear or go (the kernel's ACPI PCI
 # hotplug does the work: no rescan here) and prints an EMBER-HP line.
 hp_addr= hp_peer=
 for arg in $cmdline; do
@@ -70,5 +70,19 @@ if hp_wait [ -e /sys/class/net/eth0 ]; then
 	hp_wait hp_gone /sys/class/net/eth0 && echo "EMBER-HP nic-gone uptime=$hp_s"
 else
 	echo "EMBER-HP nic-never-seen"
+fi
+# A second disk, which the guest gives back on its own: the slot's power off in sysfs (ACPI
+# _EJ0), as a user of a QEMU guest may do; the host sees the disk go.
+if hp_wait [ -b /dev/vda ]; then
+	hp_dev=$(readlink -f /sys/block/vda)
+	hp_slot=none
+	for s in /sys/bus/pci/slots/*; do
+		read -r a <"$s/address"
+		case "$hp_dev" in */"$a".0/*) hp_slot=${s##*/} ;; esac
+	done
+	[ "$hp_slot" != none ] && echo 0 >"/sys/bus/pci/slots/$hp_slot/power"
+	hp_wait hp_gone /dev/vda && echo "EMBER-HP self-eject slot=$hp_slot uptime=$hp_s"
+else
+	echo "EMBER-HP disk2-never-seen"
 fi
 exec 3<&-
