@@ -40,6 +40,7 @@ ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+ioctl_io_nr!(KVM_REINJECT_CONTROL, KVMIO, 0x71);
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
 // A vCPU's fd.
@@ -114,6 +115,7 @@ pub fn kvm_vm() -> Vec<c_ulong> {
         KVM_GET_CLOCK(),
         KVM_GET_PIT2(),
         KVM_SET_PIT2(),
+        KVM_REINJECT_CONTROL(),
     ]
 }
 

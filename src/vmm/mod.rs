@@ -10,6 +10,7 @@ mod cpus;
 mod hotplug;
 mod migrate;
 mod named;
+mod pit;
 mod snapshot;
 
 use std::fs::File;
@@ -21,7 +22,6 @@ use boot::x86_64::cpuid::{self as boot_cpuid, CpuidError};
 use boot::{BootError, BootSpec, LoaderError};
 use devices::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::config::{ConfigError, VmConfig};
@@ -210,15 +210,13 @@ fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<VmFd, VmmError> {
         .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         .map_err(|e| VmmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
-    vm.create_irq_chip()
-        .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
     Ok(vm)
+}
+
+/// The in-kernel interrupt controllers (PIC, IOAPIC, LAPICs); the PIT is [`pit`]'s.
+fn create_irqchip(vm: &VmFd) -> Result<(), VmmError> {
+    vm.create_irq_chip()
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))
 }
 
 impl Vmm {
@@ -244,7 +242,10 @@ impl Vmm {
             Some(m) => m,
             None => memory::create_guest_memory(cfg.memory.0)?,
         };
+        // Memory first: a memory slot added after the irqchip waits out an SRCU grace period.
         memory::register_with_kvm(&vm, &mem)?;
+        create_irqchip(&vm)?;
+        let pit = pit::PendingPit::start(&vm);
         let dirty = DirtyLog::new(vm.clone(), mem.clone());
         let snapshot_dirty = match cfg.track_dirty_pages {
             true => Some(Tracker::start(&dirty).map_err(VmmError::Dirty)?),
@@ -311,6 +312,7 @@ impl Vmm {
             let v = vmm.make_vcpu(id)?;
             vmm.vcpus.push(v);
         }
+        pit.wait()?;
         Ok(vmm)
     }
 

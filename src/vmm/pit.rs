@@ -1,0 +1,103 @@
+//! The in-kernel PIT (i8254), made on a helper thread while the rest of the VM is built.
+//!
+//! Two of its costs are waits in the kernel, not work: `KVM_CREATE_PIT2` starts a kernel
+//! thread, and a PIT that reinjects lost ticks (KVM's default) registers interrupt notifiers
+//! whose removal when the VM ends waits out SRCU grace periods (~16 ms here, measured with
+//! `perf trace`: the whole of the VM fd's close). So the helper creates the PIT while the
+//! main thread builds devices and vCPUs (it is waited for before [`super::Vmm::build`]
+//! returns), then turns reinjection off (`KVM_REINJECT_CONTROL`), paying that wait while the
+//! guest boots. Without reinjection the PIT drops the ticks a descheduled guest missed
+//! (QEMU's `lost_tick_policy=discard`): guests keep time with kvmclock or the TSC, the PIT
+//! only serves calibration and old guests' ticks.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_reinject_control, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_io_nr;
+
+use super::VmmError;
+
+ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
+
+/// A PIT being made; [`PendingPit::wait`] before the vCPUs run or its state is set.
+pub(super) struct PendingPit {
+    made: Result<mpsc::Receiver<Result<(), VmmError>>, Result<(), VmmError>>,
+}
+
+fn create(vm: &VmFd) -> Result<(), VmmError> {
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))
+}
+
+/// Turns lost-tick reinjection off; on failure the PIT keeps reinjecting (harmless).
+fn reinject_off(vm: &VmFd) {
+    let ctl = kvm_reinject_control::default();
+    // SAFETY: KVM_REINJECT_CONTROL reads a kvm_reinject_control (32 bytes) from the pointer
+    // given, which points at one that lives across the call; the fd is a KVM VM's.
+    let rc = unsafe { ioctl_with_ref(vm, KVM_REINJECT_CONTROL(), &ctl) };
+    if rc < 0 {
+        log::debug!("KVM_REINJECT_CONTROL: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl PendingPit {
+    /// Starts making the PIT of `vm` (the irqchip exists); on this thread if no helper
+    /// thread can be had.
+    pub(super) fn start(vm: &Arc<VmFd>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let theirs = vm.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pit".into())
+            .spawn(move || {
+                let made = create(&theirs);
+                let ok = made.is_ok();
+                let _ = tx.send(made);
+                if ok {
+                    reinject_off(&theirs);
+                }
+            });
+        let made = match spawned {
+            Ok(_) => Ok(rx),
+            Err(e) => {
+                log::debug!("no thread for the PIT, made here: {e}");
+                let made = create(vm);
+                if made.is_ok() {
+                    reinject_off(vm);
+                }
+                Err(made)
+            }
+        };
+        PendingPit { made }
+    }
+
+    /// The PIT exists (or why it could not be made).
+    pub(super) fn wait(self) -> Result<(), VmmError> {
+        match self.made {
+            Ok(rx) => rx.recv().unwrap_or_else(|_| {
+                Err(VmmError::Kvm(
+                    "KVM_CREATE_PIT2",
+                    kvm_ioctls::Error::new(libc::EIO),
+                ))
+            }),
+            Err(done) => done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reinject_control_request_number_is_the_kernels() {
+        // _IO(KVMIO, 0x71), as <linux/kvm.h> defines it.
+        assert_eq!(KVM_REINJECT_CONTROL(), 0xae71);
+    }
+}
