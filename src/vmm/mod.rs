@@ -172,6 +172,8 @@ pub struct Vmm {
     dirty: Arc<DirtyLog>,
     /// Detaches waiting for the guest.
     detaches: Vec<hotplug::PendingDetach>,
+    /// Tells the PIT's helper when the vCPUs run.
+    pit_go: pit::PitGo,
 }
 
 fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmmError> {
@@ -306,13 +308,14 @@ impl Vmm {
             snapshot_dirty,
             dirty,
             detaches: Vec::new(),
+            pit_go: pit::PitGo::default(),
         };
         let boot: Vec<u8> = (0..cfg.cpus.boot).collect();
         for &id in present.unwrap_or(&boot) {
             let v = vmm.make_vcpu(id)?;
             vmm.vcpus.push(v);
         }
-        pit.wait()?;
+        vmm.pit_go = pit.wait()?;
         Ok(vmm)
     }
 
@@ -386,6 +389,7 @@ impl Vmm {
             }
         }
         self.started = Instant::now();
+        self.pit_go.go();
         if self.restored && !paused {
             self.devices.kick_queues();
         }

@@ -3,12 +3,15 @@
 //! Two of its costs are waits in the kernel, not work: `KVM_CREATE_PIT2` starts a kernel
 //! thread, and a PIT that reinjects lost ticks (KVM's default) registers interrupt notifiers
 //! whose removal when the VM ends waits out SRCU grace periods (~16 ms here, measured with
-//! `perf trace`: the whole of the VM fd's close). So the helper creates the PIT while the
-//! main thread builds devices and vCPUs (it is waited for before [`super::Vmm::build`]
-//! returns), then turns reinjection off (`KVM_REINJECT_CONTROL`), paying that wait while the
-//! guest boots. Without reinjection the PIT drops the ticks a descheduled guest missed
-//! (QEMU's `lost_tick_policy=discard`): guests keep time with kvmclock or the TSC, the PIT
-//! only serves calibration and old guests' ticks.
+//! `perf trace`: most of the VM fd's close). So the helper creates the PIT while the main
+//! thread builds devices and vCPUs (it is waited for before [`super::Vmm::build`] returns);
+//! once the vCPUs run ([`PitGo::go`]) it turns reinjection off (`KVM_REINJECT_CONTROL`),
+//! paying that wait while the guest runs, not while the VM is set up or restored (the
+//! request holds the PIT's lock and slowed vCPU set-up ioctls beside it). Without
+//! reinjection the PIT drops the ticks a descheduled guest missed (QEMU's
+//! `lost_tick_policy=discard`): guests keep time with kvmclock or the TSC, the PIT only
+//! serves calibration and old guests' ticks. It also lifts KVM's APICv/AVIC inhibit for PIT
+//! reinjection, so hosts with hardware APIC virtualization keep it.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -25,6 +28,20 @@ ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
 /// A PIT being made; [`PendingPit::wait`] before the vCPUs run or its state is set.
 pub(super) struct PendingPit {
     made: Result<mpsc::Receiver<Result<(), VmmError>>, Result<(), VmmError>>,
+    go: mpsc::Sender<()>,
+}
+
+/// Tells the helper the vCPUs run; dropped unsent, it lets the helper end.
+#[derive(Default)]
+pub(super) struct PitGo(Option<mpsc::Sender<()>>);
+
+impl PitGo {
+    /// The vCPUs run: turn reinjection off now (once).
+    pub(super) fn go(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 fn create(vm: &VmFd) -> Result<(), VmmError> {
@@ -49,9 +66,10 @@ fn reinject_off(vm: &VmFd) {
 
 impl PendingPit {
     /// Starts making the PIT of `vm` (the irqchip exists); on this thread if no helper
-    /// thread can be had.
+    /// thread can be had (reinjection then stays on).
     pub(super) fn start(vm: &Arc<VmFd>) -> Self {
         let (tx, rx) = mpsc::channel();
+        let (go, wait_go) = mpsc::channel();
         let theirs = vm.clone();
         let spawned = std::thread::Builder::new()
             .name("pit".into())
@@ -59,7 +77,7 @@ impl PendingPit {
                 let made = create(&theirs);
                 let ok = made.is_ok();
                 let _ = tx.send(made);
-                if ok {
+                if ok && wait_go.recv().is_ok() {
                     reinject_off(&theirs);
                 }
             });
@@ -67,27 +85,24 @@ impl PendingPit {
             Ok(_) => Ok(rx),
             Err(e) => {
                 log::debug!("no thread for the PIT, made here: {e}");
-                let made = create(vm);
-                if made.is_ok() {
-                    reinject_off(vm);
-                }
-                Err(made)
+                Err(create(vm))
             }
         };
-        PendingPit { made }
+        PendingPit { made, go }
     }
 
-    /// The PIT exists (or why it could not be made).
-    pub(super) fn wait(self) -> Result<(), VmmError> {
+    /// The PIT exists (or why it could not be made); then [`PitGo::go`] once vCPUs run.
+    pub(super) fn wait(self) -> Result<PitGo, VmmError> {
         match self.made {
             Ok(rx) => rx.recv().unwrap_or_else(|_| {
                 Err(VmmError::Kvm(
                     "KVM_CREATE_PIT2",
                     kvm_ioctls::Error::new(libc::EIO),
                 ))
-            }),
-            Err(done) => done,
+            })?,
+            Err(done) => done?,
         }
+        Ok(PitGo(Some(self.go)))
     }
 }
 
