@@ -412,12 +412,19 @@ fn run_vm(
             if let Some(ready) = on_ready.take() {
                 ready(session);
             }
-            vmm.run(session)?
+            let outcome = vmm.run(session)?;
+            // What hotplug changed (devices, vCPUs) stays for a restart, as the machine's.
+            (outcome, vmm.config().clone())
         };
+        let (outcome, now) = outcome;
         match outcome {
-            Outcome::Restart => log::info!("VM {} restarts", session.name),
+            Outcome::Restart => {
+                log::info!("VM {} restarts", session.name);
+                cfg = now;
+            }
             Outcome::Reset if cfg.reboot == RebootAction::Restart => {
-                log::info!("guest reset; restarting")
+                log::info!("guest reset; restarting");
+                cfg = now;
             }
             Outcome::Revert(snap) => {
                 let (vmm, reverted) = revert(session, &snap, &cfg)?;

@@ -9,6 +9,7 @@ mod common;
 mod guest;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::require_kvm;
 use common::vm::{unique, Host};
@@ -132,6 +133,47 @@ fn plugged_vcpus_show_in_vcpuinfo_stay_without_an_eject_and_survive_save_and_res
         [0, 1, 2],
         "restored with its present vCPUs"
     );
+    h.ok(&["destroy", &name]);
+}
+
+#[test]
+fn plugged_vcpus_and_a_hotplugged_disk_stay_through_a_reset() {
+    // As on a PC (and under QEMU): what was plugged in is part of the machine that resets.
+    let (h, k) = host();
+    let name = unique("cpu-reset");
+    let k = k.to_str().unwrap();
+    h.ok(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--kernel",
+        k,
+        "--memory",
+        "16M",
+        "--cpus",
+        "boot=1,max=3",
+        "--transport",
+        "pci",
+        "--cmdline",
+        "idle",
+    ]);
+    let disk = h.path().join("hot.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    h.ok(&["setvcpus", &name, "3"]);
+    h.ok(&["attach-disk", &name, disk.to_str().unwrap()]);
+    h.wait_console(&name, "tiny: idle", Duration::from_secs(10));
+    h.ok(&["reset", &name]);
+    assert!(
+        common::vm::wait_until(Duration::from_secs(20), || {
+            h.console_log(&name).matches("tiny: hello").count() == 2
+        }),
+        "the VM never booted again:\n{}",
+        h.console_log(&name)
+    );
+    assert_eq!(vcpus(&h, &name), [0, 1, 2]);
+    let list = h.ok(&["domblklist", &name]).stdout;
+    assert!(list.contains("hot.raw"), "{list}");
     h.ok(&["destroy", &name]);
 }
 

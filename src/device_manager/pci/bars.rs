@@ -6,7 +6,7 @@
 //! decode conflict, and nothing of Ember's is disturbed.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use devices::pci::config::BAR_COUNT;
 use devices::pci::{BarMapper, BarRegion, BarWindow, PciDevice};
@@ -78,9 +78,14 @@ impl BarAllocator {
 }
 
 /// Follows one function's BARs for it (see the module documentation).
+///
+/// It holds the buses weakly: the buses hold the PCI root (config ports, ECAM), the root
+/// holds this mapper, and a strong reference back would keep the whole PCI tree (devices,
+/// their images and their locks) alive after the VM is gone — a restarted VM could not
+/// open its own disks again.
 pub struct VmBarMapper {
     io: Arc<dyn IoEvents>,
-    buses: Arc<Buses>,
+    buses: Weak<Buses>,
     device: Arc<Mutex<dyn PciDevice>>,
     /// Queue notification addresses, by BAR (`QueueNotify::region`).
     notifies: Vec<QueueNotify>,
@@ -106,7 +111,7 @@ impl VmBarMapper {
     ) -> Self {
         VmBarMapper {
             io,
-            buses,
+            buses: Arc::downgrade(&buses),
             device,
             notifies,
             evts,
@@ -150,7 +155,9 @@ impl VmBarMapper {
     }
 
     fn unmap(&self, bar: u8, r: BarRegion) {
-        self.buses.mmio.remove(r.addr);
+        if let Some(buses) = self.buses.upgrade() {
+            buses.mmio.remove(r.addr);
+        }
         unregister_notifies(self.io.as_ref(), r.addr, &self.notifies_of(bar), &self.evts);
     }
 
@@ -162,8 +169,11 @@ impl VmBarMapper {
             ));
             return false;
         }
+        let Some(buses) = self.buses.upgrade() else {
+            return false; // the VM is going away
+        };
         let window = Arc::new(Mutex::new(BarWindow::new(self.device.clone(), bar)));
-        if let Err(e) = self.buses.mmio.insert(window, r.addr, r.len) {
+        if let Err(e) = buses.mmio.insert(window, r.addr, r.len) {
             self.warn(format_args!(
                 "{}: BAR {bar} at {:#x}: {e}; it decodes nothing",
                 self.name, r.addr
@@ -309,6 +319,20 @@ mod tests {
 
     fn claimed(buses: &Buses, addr: u64) -> bool {
         buses.mmio.read(addr, &mut [0u8; 4])
+    }
+
+    #[test]
+    fn a_mapper_does_not_keep_the_buses_alive_and_maps_nothing_after_them() {
+        // The buses hold the PCI root, the root the mapper: a strong reference back leaked
+        // every PCI device (and its disk's lock) of a VM that had ended.
+        let buses = Arc::new(Buses::default());
+        let (m, _io) = mapper(&buses);
+        m.map_bar(0, region(WINDOW.0));
+        let weak = Arc::downgrade(&buses);
+        drop(buses);
+        assert!(weak.upgrade().is_none(), "the mapper kept the buses");
+        m.map_bar(0, region(WINDOW.0 + 0x10_0000));
+        assert_eq!(m.current(0), None);
     }
 
     #[test]
