@@ -178,6 +178,43 @@ fn plugged_vcpus_and_a_hotplugged_disk_stay_through_a_reset() {
 }
 
 #[test]
+fn setvcpus_config_changes_the_definition_for_the_next_start() {
+    let (h, k) = host();
+    let name = unique("cpu-def");
+    let file = h.path().join(format!("{name}.toml"));
+    let def = format!(
+        "name = \"{name}\"\nkernel = \"{}\"\nmemory = \"16M\"\ncmdline = \"idle\"\n",
+        k.display()
+    );
+    std::fs::write(&file, def).unwrap();
+    h.ok(&["define", file.to_str().unwrap()]);
+
+    one_line_usage_error(&h.say(&["setvcpus", &name, "2"]), "is not running");
+    one_line_usage_error(&h.say(&["setvcpus", &name, "2", "--config"]), "1 to 1");
+    one_line_usage_error(&h.say(&["setvcpus", &name, "3", "--maximum"]), "--config");
+    let s = h.ok(&["setvcpus", &name, "4", "--config", "--maximum"]);
+    assert!(s.stdout.contains("1 vCPUs at boot, at most 4"), "{s:?}");
+    let s = h.ok(&["setvcpus", &name, "3", "--config"]);
+    assert!(s.stdout.contains("3 vCPUs at boot, at most 4"), "{s:?}");
+
+    h.ok(&["start", &name]);
+    assert_eq!(vcpus(&h, &name), [0, 1, 2]);
+    let info = h.ok(&["dominfo", &name]).stdout;
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("Max CPU(s):") && l.ends_with(" 4")),
+        "{info}"
+    );
+    // Running: --live and --config together change both.
+    h.ok(&["setvcpus", &name, "4", "--live", "--config"]);
+    assert_eq!(vcpus(&h, &name), [0, 1, 2, 3]);
+    let config = h.ok(&["dumpconfig", &name]).stdout;
+    // boot = max = 4 is written short.
+    assert!(config.contains("cpus = 4"), "{config}");
+    h.ok(&["destroy", &name]);
+}
+
+#[test]
 fn a_vcpu_plugged_while_paused_runs_after_resume() {
     let (h, k) = host();
     let name = unique("cpu-paused");
