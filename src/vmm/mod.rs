@@ -389,7 +389,11 @@ impl Vmm {
             }
         }
         self.started = Instant::now();
-        self.pit_go.go();
+        self.pit_go.go(if self.restored {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        });
         if self.restored && !paused {
             self.devices.kick_queues();
         }

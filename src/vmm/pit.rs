@@ -15,6 +15,7 @@
 
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, kvm_reinject_control, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
@@ -28,18 +29,25 @@ ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
 /// A PIT being made; [`PendingPit::wait`] before the vCPUs run or its state is set.
 pub(super) struct PendingPit {
     made: Result<mpsc::Receiver<Result<(), VmmError>>, Result<(), VmmError>>,
-    go: mpsc::Sender<()>,
+    go: mpsc::Sender<Duration>,
+    end: mpsc::Sender<()>,
 }
 
-/// Tells the helper the vCPUs run; dropped unsent, it lets the helper end.
+/// Tells the helper the vCPUs run; dropped (the VM is gone), it lets the helper end.
 #[derive(Default)]
-pub(super) struct PitGo(Option<mpsc::Sender<()>>);
+pub(super) struct PitGo {
+    go: Option<mpsc::Sender<Duration>>,
+    _end: Option<mpsc::Sender<()>>,
+}
 
 impl PitGo {
-    /// The vCPUs run: turn reinjection off now (once).
-    pub(super) fn go(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
+    /// The vCPUs run: turn reinjection off `after` this long if the VM still exists (once).
+    /// The request stalls the vCPUs for its SRCU grace period (~15 ms here): a fresh boot
+    /// takes it at once, a restored VM — whose first moments are what a restore is timed
+    /// by (a CI case, a request) — a second later.
+    pub(super) fn go(&mut self, after: Duration) {
+        if let Some(tx) = self.go.take() {
+            let _ = tx.send(after);
         }
     }
 }
@@ -69,7 +77,8 @@ impl PendingPit {
     /// thread can be had (reinjection then stays on).
     pub(super) fn start(vm: &Arc<VmFd>) -> Self {
         let (tx, rx) = mpsc::channel();
-        let (go, wait_go) = mpsc::channel();
+        let (go, wait_go) = mpsc::channel::<Duration>();
+        let (end, wait_end) = mpsc::channel::<()>();
         let theirs = vm.clone();
         let spawned = std::thread::Builder::new()
             .name("pit".into())
@@ -77,7 +86,17 @@ impl PendingPit {
                 let made = create(&theirs);
                 let ok = made.is_ok();
                 let _ = tx.send(made);
-                if ok && wait_go.recv().is_ok() {
+                if !ok {
+                    return;
+                }
+                let Ok(after) = wait_go.recv() else {
+                    return; // the VM never ran
+                };
+                // Nothing is ever sent on `end`: the wait ends at the delay, or early when
+                // the VM is dropped (then nothing is left to do).
+                if after.is_zero()
+                    || wait_end.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout)
+                {
                     reinject_off(&theirs);
                 }
             });
@@ -88,7 +107,7 @@ impl PendingPit {
                 Err(create(vm))
             }
         };
-        PendingPit { made, go }
+        PendingPit { made, go, end }
     }
 
     /// The PIT exists (or why it could not be made); then [`PitGo::go`] once vCPUs run.
@@ -102,7 +121,10 @@ impl PendingPit {
             })?,
             Err(done) => done?,
         }
-        Ok(PitGo(Some(self.go)))
+        Ok(PitGo {
+            go: Some(self.go),
+            _end: Some(self.end),
+        })
     }
 }
 
