@@ -110,6 +110,8 @@ pub struct RestoreSpec {
     pub disks: Vec<crate::config::DiskConfig>,
     /// Track dirty pages (for Diff snapshots); a snapshot does not keep it.
     pub track_dirty_pages: bool,
+    /// Set kvmclock as saved: the guest's clock does not jump by the time it was away.
+    pub keep_clock: bool,
 }
 
 /// How the VM starts.
@@ -358,6 +360,10 @@ fn restore_vmm(
     state.config.name = session.name.clone();
     state.config.serial = serial.clone();
     state.config.track_dirty_pages = spec.track_dirty_pages;
+    if spec.keep_clock {
+        // Without KVM_CLOCK_REALTIME the saved clock is set as it is (vstate::restore_vm).
+        state.vm.clock.flags &= !kvm_bindings::KVM_CLOCK_REALTIME;
+    }
     for n in &spec.nets {
         let Some(slot) = state.config.nets.iter_mut().find(|x| x.id == n.id) else {
             return Err(load(crate::snapshot::SnapshotError::Invalid(format!(
@@ -614,6 +620,7 @@ fn snapshot_load(pending: &PendingVm, l: &fc::SnapshotLoad) -> Result<RestoreSpe
         nets,
         disks: Vec::new(),
         track_dirty_pages: l.track_dirty_pages || l.enable_diff_snapshots,
+        keep_clock: false,
     })
 }
 
@@ -636,6 +643,7 @@ fn revert(session: &Session, snap: &str, cfg: &VmConfig) -> Result<(Vmm, VmConfi
         nets: cfg.nets.clone(),
         disks: Vec::new(),
         track_dirty_pages: cfg.track_dirty_pages,
+        keep_clock: false,
     };
     restore_vmm(session, &spec, &cfg.serial)
 }

@@ -472,6 +472,49 @@ fn payload(file: &Path) -> Value {
     serde_json::from_slice(&bytes[32..]).unwrap()
 }
 
+/// kvmclock's value in a state file, in seconds (`kvm_clock_data`: `clock` is its first
+/// field, little-endian nanoseconds).
+fn saved_clock_secs(file: &Path) -> f64 {
+    let bytes: Vec<u8> = payload(file)["vm"]["clock"]
+        .as_array()
+        .expect("the clock's bytes")
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    u64::from_le_bytes(bytes[..8].try_into().unwrap()) as f64 / 1e9
+}
+
+#[test]
+fn keep_clock_restores_the_saved_clock_and_the_default_advances_it() {
+    let lab = Lab::new("clock");
+    let (a, kept, moved) = (lab.name("a"), lab.name("k"), lab.name("m"));
+    let start = |name: &str| {
+        let mut args = vec!["run".to_string(), "-d".into(), "--name".into(), name.into()];
+        args.extend(lab.tiny("idle"));
+        lab.ok(&args);
+    };
+    start(&a);
+    let file = lab.path("a.snap");
+    lab.ok(&["save", &a, s(&file)]);
+    let saved = saved_clock_secs(&file);
+    std::thread::sleep(Duration::from_secs(3));
+    let again = |name: &str, extra: &[&str]| {
+        let mut args = vec!["run", "-d", "--restore", s(&file), "--name", name];
+        args.extend(extra);
+        lab.ok(&args);
+        let out = lab.path(&format!("{name}.snap"));
+        lab.ok(&["save", name, s(&out)]);
+        saved_clock_secs(&out) - saved
+    };
+    let kept_ran = again(&kept, &["--keep-clock"]);
+    let moved_ran = again(&moved, &[]);
+    // Each ran for well under the 3 s it was away; only the default counts those 3 s.
+    assert!((0.0..2.0).contains(&kept_ran), "kept: {kept_ran} s");
+    assert!(moved_ran >= 3.0, "advanced: {moved_ran} s");
+    let line = lab.refused(2, &["run", "--keep-clock", "--name", "x"]);
+    assert!(line.contains("--restore"), "{line}");
+}
+
 #[test]
 fn a_restored_paused_vm_saves_again_to_the_same_memory_and_devices() {
     // Its disks were never activated by the guest: restoring them must not write guest

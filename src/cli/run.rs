@@ -133,6 +133,12 @@ pub struct RunArgs {
     /// --restore (a snapshot does not keep it, as in Firecracker)
     #[arg(long)]
     pub track_dirty_pages: bool,
+    /// With --restore: set the guest's clock as it was saved, not advanced by the time the
+    /// VM was away (Firecracker's and QEMU's way; a guest then skips catching up on the
+    /// jump, and every restore of one file starts from the same time: what 'ember test'
+    /// uses for its cases)
+    #[arg(long, requires = "restore")]
+    pub keep_clock: bool,
     /// Wait for the VM to come from another Ember by migration ('ember migrate'), listening
     /// on tcp:ADDR:PORT [qemu: -incoming]; --name, --serial, --net and --disk (matched by
     /// id, else by position) replace the source's, and --cpu-features hides features this
@@ -283,6 +289,7 @@ impl RunArgs {
             nets,
             disks,
             track_dirty_pages: self.track_dirty_pages,
+            keep_clock: self.keep_clock,
         })
     }
 
