@@ -419,10 +419,17 @@ fn run_vm(
                 ready(session);
             }
             let outcome = vmm.run(session)?;
+            let restarts = match &outcome {
+                Outcome::Restart => true,
+                Outcome::Reset => cfg.reboot == RebootAction::Restart,
+                _ => false,
+            };
             // What hotplug changed (devices, vCPUs) stays for a restart, as the machine's.
-            (outcome, vmm.config().clone())
+            let now = restarts.then(|| vmm.config_for_restart(session));
+            (outcome, now)
         };
         let (outcome, now) = outcome;
+        let now = now.unwrap_or_else(|| cfg.clone());
         match outcome {
             Outcome::Restart => {
                 log::info!("VM {} restarts", session.name);

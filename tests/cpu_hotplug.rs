@@ -192,6 +192,8 @@ fn setvcpus_config_changes_the_definition_for_the_next_start() {
     one_line_usage_error(&h.say(&["setvcpus", &name, "2"]), "is not running");
     one_line_usage_error(&h.say(&["setvcpus", &name, "2", "--config"]), "1 to 1");
     one_line_usage_error(&h.say(&["setvcpus", &name, "3", "--maximum"]), "--config");
+    let both = ["setvcpus", &name, "3", "--maximum", "--config", "--live"];
+    one_line_usage_error(&h.say(&both), "--config alone");
     let s = h.ok(&["setvcpus", &name, "4", "--config", "--maximum"]);
     assert!(s.stdout.contains("1 vCPUs at boot, at most 4"), "{s:?}");
     let s = h.ok(&["setvcpus", &name, "3", "--config"]);

@@ -119,6 +119,15 @@ fn a_detach_the_guest_never_answers_times_out_and_the_device_stays() {
     refused(&concurrent, 2, "a detach of device 'vda' is pending");
     assert_eq!(waited.status.code(), Some(1));
     assert!(h.ok(&["domblklist", &name]).stdout.contains(&a));
+    // A reset completes the pending removal, as QEMU's does.
+    h.ok(&["reset", &name]);
+    assert!(
+        common::vm::wait_until(Duration::from_secs(20), || {
+            h.console_log(&name).matches("tiny: hello").count() == 2
+        }),
+        "no second boot"
+    );
+    assert!(!h.ok(&["domblklist", &name]).stdout.contains(&a));
     h.ok(&["destroy", &name]);
 }
 

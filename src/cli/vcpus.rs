@@ -42,16 +42,18 @@ fn count_arg(name: &str, count: &str, max: u64) -> Result<u8, Failure> {
 /// the guest has taken them offline and ejected them) and/or its definition.
 pub fn setvcpus(a: SetvcpusArgs) -> ExitCode {
     finish((|| {
-        if a.maximum && !a.config {
+        if a.maximum && (!a.config || a.live) {
             return Err(Failure::usage(format!(
-                "setvcpus --maximum: a running VM's maximum is fixed; add --config to change                  VM {}'s definition for its next start",
+                "setvcpus --maximum: a running VM's maximum is fixed; use --maximum with \
+                 --config alone to change VM {}'s definition for its next start",
                 a.name
             )));
         }
         let live = a.live || !a.config;
         if live && crate::vmdir::find(&a.name).is_none() {
             return Err(Failure::usage(format!(
-                "VM {} is not running: use 'ember setvcpus {} {} --config' to change its                  definition",
+                "VM {} is not running: use 'ember setvcpus {} {} --config' to change its \
+                 definition",
                 a.name, a.name, a.count
             )));
         }

@@ -285,7 +285,29 @@ fn open_tap(backend: &NetBackendConfig, own_name: &str) -> Result<Tap, DeviceErr
         }
     }
     match backend {
-        NetBackendConfig::Fd(fd) => Ok(Tap::from_fd(*fd)?),
+        NetBackendConfig::Fd(fd) => {
+            // A copy: the VM's NIC owns and closes it, while the descriptor handed over stays
+            // open for the session, so a restart (reset, reboot, revert) can take it again.
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; no memory is involved.
+            let own = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if own < 0 {
+                return Err(tap::TapError::BadFd {
+                    fd: *fd,
+                    source: std::io::Error::last_os_error(),
+                }
+                .into());
+            }
+            Tap::from_fd(own).map_err(|e| {
+                // SAFETY: `own` is our copy and from_fd did not take it.
+                unsafe { libc::close(own) };
+                match e {
+                    tap::TapError::BadFd { source, .. } => {
+                        tap::TapError::BadFd { fd: *fd, source }.into()
+                    }
+                    other => other.into(),
+                }
+            })
+        }
         NetBackendConfig::Tap(name) => {
             let existed = tap::interface_exists(name);
             let t = Tap::open(name)?;

@@ -188,7 +188,13 @@ impl Vmm {
     /// Collects the guest's ejects (the devices go, the configuration follows) and answers
     /// the detaches they end or whose time ran out.
     pub(super) fn serve_hotplug(&mut self, session: &Session) {
-        let gone = self.devices.collect_ejected(&mut self.events);
+        // While a migration runs the destination is built from the devices offered at its
+        // start: a guest's eject waits (in the controller's state, which migrates) till after.
+        let gone = if self.migration_holds() {
+            Vec::new()
+        } else {
+            self.devices.collect_ejected(&mut self.events)
+        };
         for id in &gone {
             self.config.disks.retain(|d| d.id() != id);
             self.config.nets.retain(|n| n.id() != id);
@@ -222,6 +228,39 @@ impl Vmm {
         for (conn, resp) in answers {
             server.respond(conn, resp);
         }
+    }
+
+    /// The configuration a restart (reset, reboot) builds from. As QEMU completes pending
+    /// removals on a reset, a device whose detach waited for the guest goes now, and the
+    /// detach requests still waiting are answered.
+    pub fn config_for_restart(&mut self, session: &Session) -> crate::config::VmConfig {
+        let pending = |id: &str| self.devices.unplug_pending(id);
+        let mut gone: Vec<String> = self
+            .config
+            .disks
+            .iter()
+            .map(|d| d.id().to_string())
+            .collect();
+        gone.extend(self.config.nets.iter().map(|n| n.id().to_string()));
+        gone.retain(|id| pending(id));
+        let mut cfg = self.config.clone();
+        cfg.disks.retain(|d| !gone.iter().any(|g| g == d.id()));
+        cfg.nets.retain(|n| !gone.iter().any(|g| g == n.id()));
+        let answers: Vec<(ConnId, Response)> = self
+            .detaches
+            .drain(..)
+            .map(|p| {
+                let body = json!({"id": p.id, "detached": true, "on_reset": true});
+                (p.conn, Response::json(200, body.to_string()))
+            })
+            .collect();
+        if let (false, Some(server)) = (answers.is_empty(), &session.api) {
+            let mut server = server.lock().unwrap_or_else(|e| e.into_inner());
+            for (conn, resp) in answers {
+                server.respond(conn, resp);
+            }
+        }
+        cfg
     }
 
     /// How long the event loop may sleep: [`TICK`] while a detach waits, else forever.

@@ -412,9 +412,10 @@ impl Vmm {
                 self.handles.iter().for_each(VcpuHandle::kick);
             }
             self.reap_ejected();
+            // Ejects first: a snapshot or migration then sees the devices the guest has.
+            self.serve_hotplug(session);
             self.serve_api(session);
             self.serve_migration(session);
-            self.serve_hotplug(session);
         }
         self.stop_vcpus();
         let outcome = self

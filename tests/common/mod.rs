@@ -227,14 +227,25 @@ pub fn assert_qemu_img_clean(path: &std::path::Path) {
     assert_eq!(out.status.code(), Some(0));
 }
 
-/// Whether the kernel lists a lock on `path` in /proc/locks. Reading it takes no lock
-/// itself: probing with `img info` would race the holder's own open and make it fail.
+/// Whether some process holds a lock on `path` that a writer would conflict with. Asked
+/// with F_OFD_GETLK on a descriptor of our own, which takes no lock: probing with `img info`
+/// would take a read lock itself and race the holder's own open.
 pub fn locked(path: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let ino = std::fs::metadata(path).unwrap().ino();
-    let locks = std::fs::read_to_string("/proc/locks").expect("/proc/locks");
-    let tail = format!(":{ino} ");
-    locks.lines().any(|l| l.contains(&tail))
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: a plain C struct; all zeroes is a valid value before the fields are set.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_GETLK reads and writes the flock we pass, which outlives the call.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(
+        rc,
+        0,
+        "F_OFD_GETLK on {path}: {}",
+        std::io::Error::last_os_error()
+    );
+    fl.l_type != libc::F_UNLCK as libc::c_short
 }
 
 /// Waits until `path` is locked by `who`, failing if `who` exits first or never locks it.

@@ -165,6 +165,9 @@ pub struct PciHotplugState {
     pub up: u32,
     /// `PCID`.
     pub down: u32,
+    /// Slots the guest ejected that the VMM had not taken off yet.
+    #[serde(default)]
+    pub ejected: u32,
 }
 
 impl Persist for PciHotplug {
@@ -174,13 +177,20 @@ impl Persist for PciHotplug {
         PciHotplugState {
             up: self.up,
             down: self.down,
+            ejected: self.ejected,
         }
     }
 
     fn restore(&mut self, s: &PciHotplugState) -> Result<(), StateError> {
         self.up = s.up & SLOT_MASK;
         self.down = s.down & SLOT_MASK;
-        self.ejected = 0;
+        self.ejected = s.ejected & SLOT_MASK;
+        if self.ejected != 0 {
+            // The VMM collects them when woken, as after a guest's write.
+            if let Err(e) = self.wake.trigger() {
+                log::error!("PCI hotplug: cannot tell the VMM of restored ejects: {e}");
+            }
+        }
         Ok(())
     }
 }
@@ -316,9 +326,25 @@ mod tests {
         let (mut a, _) = dev();
         a.plug(2).unwrap();
         a.request_unplug(3).unwrap();
-        let (mut b, _) = dev();
+        a.write(PCEJ, &(1u32 << 7).to_le_bytes());
+        let (mut b, wake) = dev();
         crate::persist::assert_round_trip(&a, &mut b);
-        b.restore(&PciHotplugState { up: 1, down: 1 }).unwrap();
+        // An eject the VMM had not collected when the state was taken is collected after.
+        assert_eq!(wake.count(), 1);
+        assert_eq!(b.take_ejected(), 1 << 7);
+        let bridge = PciHotplugState {
+            up: 1,
+            down: 1,
+            ejected: 1,
+        };
+        b.restore(&bridge).unwrap();
         assert_eq!((read32(&mut b, PCIU), read32(&mut b, PCID)), (0, 0));
+        assert_eq!(b.take_ejected(), 0);
+    }
+
+    #[test]
+    fn an_old_state_without_ejects_reads_as_none() {
+        let s: PciHotplugState = serde_json::from_str(r#"{"up": 4, "down": 8}"#).unwrap();
+        assert_eq!(s.ejected, 0);
     }
 }
