@@ -27,8 +27,8 @@
 //! | `ejector`  | prints `tiny: ejector`, then forever: every ~10 ms reads the PCI   |
 //! |            | hotplug controller's `PCID` (port 0xae04) and writes what it read  |
 //! |            | to `PCEJ` (0xae08): a guest that gives back every slot asked back |
-//! | `eject=N`  | writes slot N's bit to `PCEJ` once, asked or not (as Linux's      |
-//! |            | `echo 0 > /sys/bus/pci/slots/N/power`), and goes on               |
+//! | `eject=N`  | writes slot N's bit (N < 32) to `PCEJ` once, asked or not (Linux: |
+//! |            | `echo 0 > /sys/bus/pci/slots/N/power`), and goes on              |
 //!
 //! With none of the ending words it powers off through ACPI (PM1a_CNT, S5). `count`,
 //! `idle`, `ejector`, `halt`, `exit=`, `reboot`, `sleepctl` and `triple` end the word list; `dirty=K` is looked up
