@@ -425,20 +425,15 @@ fn run_vm(
                 _ => false,
             };
             // What hotplug changed (devices, vCPUs) stays for a restart, as the machine's.
-            let now = restarts.then(|| vmm.config_for_restart(session));
-            (outcome, now)
+            (outcome, restarts.then(|| vmm.config_for_restart(session)))
         };
-        let (outcome, now) = outcome;
-        let now = now.unwrap_or_else(|| cfg.clone());
+        let (outcome, restart) = outcome;
+        if let Some(next) = restart {
+            log::info!("VM {} restarts ({outcome:?})", session.name);
+            cfg = next;
+            continue;
+        }
         match outcome {
-            Outcome::Restart => {
-                log::info!("VM {} restarts", session.name);
-                cfg = now;
-            }
-            Outcome::Reset if cfg.reboot == RebootAction::Restart => {
-                log::info!("guest reset; restarting");
-                cfg = now;
-            }
             Outcome::Revert(snap) => {
                 let (vmm, reverted) = revert(session, &snap, &cfg)?;
                 log::info!("VM {} reverted to snapshot {snap}", session.name);

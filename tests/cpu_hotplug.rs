@@ -42,12 +42,7 @@ fn run_idle(h: &Host, name: &str, kernel: &Path, cpus: &str) {
 
 /// The vCPU indexes `ember vcpuinfo` lists.
 fn vcpus(h: &Host, name: &str) -> Vec<u32> {
-    h.ok(&["vcpuinfo", name])
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("VCPU:"))
-        .map(|v| v.trim().parse().unwrap())
-        .collect()
+    common::vcpuinfo_ids(&h.ok(&["vcpuinfo", name]).stdout)
 }
 
 fn one_line_usage_error(s: &common::vm::Said, needle: &str) {

@@ -114,12 +114,7 @@ impl Drop for Console<'_> {
 
 /// The vCPU indexes `ember vcpuinfo` lists.
 fn vcpus(h: &Host, name: &str) -> Vec<u32> {
-    h.ok(&["vcpuinfo", name])
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("VCPU:"))
-        .map(|v| v.trim().parse().unwrap())
-        .collect()
+    common::vcpuinfo_ids(&h.ok(&["vcpuinfo", name]).stdout)
 }
 
 fn secs(d: Duration) -> String {

@@ -368,23 +368,25 @@ fn migration_without_live_pauses_sends_all_and_resumes_there() {
         out.contains("over 1 passes"),
         "one pass when not live: {out}"
     );
-    let src_lines = src.serial.clone();
-    assert_eq!(src.wait().0, Some(0));
-    dst.serial
-        .wait_tick(src_lines.last_tick().unwrap() + 3, "destination");
-    assert_continuous(&src_lines, &dst.serial);
+    goes_on_there(src, &dst, 3);
     dst.stop();
 }
 
 /// The vCPU indexes `ember vcpuinfo NAME` lists.
+/// The source ended with status 0 and the destination counts on from its last tick, `more`
+/// ticks past it, with no gap or repeat.
+fn goes_on_there(src: Vm, dst: &Vm, more: u64) {
+    let src_lines = src.serial.clone();
+    assert_eq!(src.wait().0, Some(0));
+    dst.serial
+        .wait_tick(src_lines.last_tick().unwrap() + more, "destination");
+    assert_continuous(&src_lines, &dst.serial);
+}
+
 fn vcpu_ids(name: &str) -> Vec<u32> {
     let out = ember().args(["vcpuinfo", name]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("VCPU:"))
-        .map(|v| v.trim().parse().unwrap())
-        .collect()
+    vcpuinfo_ids(&String::from_utf8_lossy(&out.stdout))
 }
 
 #[test]
@@ -398,11 +400,7 @@ fn vcpus_plugged_at_run_time_migrate_with_the_vm() {
     assert_eq!(vcpu_ids(&src.name), [0, 1, 2]);
     let (code, out) = finished(migrate(&src, &format!("tcp:127.0.0.1:{port}"), &["--live"]));
     assert_eq!(code, Some(0), "{out}");
-    let src_lines = src.serial.clone();
-    assert_eq!(src.wait().0, Some(0));
-    dst.serial
-        .wait_tick(src_lines.last_tick().unwrap() + 3, "destination");
-    assert_continuous(&src_lines, &dst.serial);
+    goes_on_there(src, &dst, 3);
     assert_eq!(
         vcpu_ids(&dst.name),
         [0, 1, 2],
@@ -442,11 +440,7 @@ fn an_authenticated_migration_needs_the_same_key_on_both_sides() {
         &["--live", "--auth-key", good.to_str().unwrap()],
     ));
     assert_eq!(code, Some(0), "{out}");
-    let src_lines = src.serial.clone();
-    assert_eq!(src.wait().0, Some(0));
-    dst.serial
-        .wait_tick(src_lines.last_tick().unwrap() + 2, "destination");
-    assert_continuous(&src_lines, &dst.serial);
+    goes_on_there(src, &dst, 2);
     dst.stop();
 }
 
@@ -747,11 +741,7 @@ fn live_migration_across_two_network_namespaces() {
         &["--live", "--verify"],
     ));
     assert_eq!(code, Some(0), "{out}");
-    let src_lines = src.serial.clone();
-    assert_eq!(src.wait().0, Some(0));
-    dst.serial
-        .wait_tick(src_lines.last_tick().unwrap() + 3, "destination");
-    assert_continuous(&src_lines, &dst.serial);
+    goes_on_there(src, &dst, 3);
     dst.stop();
 }
 
@@ -799,11 +789,7 @@ fn a_shared_disk_passes_to_the_destination_and_a_failed_handover_gives_it_back()
     );
     let (code, out) = finished(migrate(&src, "tcp:127.0.0.1:4446", &["--live"]));
     assert_eq!(code, Some(0), "{out}");
-    let src_lines = src.serial.clone();
-    assert_eq!(src.wait().0, Some(0));
-    dst.serial
-        .wait_tick(src_lines.last_tick().unwrap() + 2, "destination");
-    assert_continuous(&src_lines, &dst.serial);
+    goes_on_there(src, &dst, 2);
     assert!(locked(&disk), "the destination holds the disk");
     dst.stop();
     assert!(!locked(&disk));

@@ -30,6 +30,18 @@ pub(super) struct PendingDetach {
     deadline: Instant,
 }
 
+/// Answers requests that waited (detaches), on the session's API.
+fn respond_all(session: &Session, answers: Vec<(ConnId, Response)>) {
+    if answers.is_empty() {
+        return;
+    }
+    let Some(server) = &session.api else { return };
+    let mut server = server.lock().unwrap_or_else(|e| e.into_inner());
+    for (conn, resp) in answers {
+        server.respond(conn, resp);
+    }
+}
+
 fn refused(e: &DeviceError) -> Response {
     let status = match e {
         DeviceError::DuplicateId(_)
@@ -220,14 +232,7 @@ impl Vmm {
                 true
             }
         });
-        if answers.is_empty() {
-            return;
-        }
-        let Some(server) = &session.api else { return };
-        let mut server = server.lock().unwrap_or_else(|e| e.into_inner());
-        for (conn, resp) in answers {
-            server.respond(conn, resp);
-        }
+        respond_all(session, answers);
     }
 
     /// The configuration a restart (reset, reboot) builds from. As QEMU completes pending
@@ -254,12 +259,7 @@ impl Vmm {
                 (p.conn, Response::json(200, body.to_string()))
             })
             .collect();
-        if let (false, Some(server)) = (answers.is_empty(), &session.api) {
-            let mut server = server.lock().unwrap_or_else(|e| e.into_inner());
-            for (conn, resp) in answers {
-                server.respond(conn, resp);
-            }
-        }
+        respond_all(session, answers);
         cfg
     }
 

@@ -259,3 +259,11 @@ pub fn wait_locked(path: &str, who: &mut Child, name: &str, limit: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The vCPU indexes in `ember vcpuinfo`'s output (its `VCPU:` lines).
+pub fn vcpuinfo_ids(out: &str) -> Vec<u32> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("VCPU:"))
+        .map(|v| v.trim().parse().unwrap())
+        .collect()
+}
